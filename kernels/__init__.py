@@ -1,0 +1,7 @@
+"""Triton kernels for MoE and multi-LoRA work, each with a plain-torch reference.
+
+Importable on its own (torch and triton only). Not the Hugging Face ``kernels`` hub package:
+see the README's note on the name clash.
+"""
+
+__all__: list[str] = []
