@@ -4,4 +4,7 @@ Importable on its own (torch and triton only). Not the Hugging Face ``kernels`` 
 see the README's note on the name clash.
 """
 
-__all__: list[str] = []
+from .backend import use_backend
+from .grouped_gemm import grouped_mm
+
+__all__: list[str] = ["grouped_mm", "use_backend"]

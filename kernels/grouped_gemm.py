@@ -1,0 +1,203 @@
+"""Grouped GEMM for MoE experts, ScatterMoE style: scattered read, grouped or scattered write, fused gates.
+
+Public entry point: :func:`grouped_mm`. It is a ``torch.library`` custom op (``moeplug_kernels::grouped_mm``)
+with a fake implementation, so ``torch.compile`` traces through it, and it is differentiable w.r.t. ``x``,
+``weight`` and ``gates``. Each call runs the Triton kernel or the plain-torch reference below, as
+:mod:`kernels.backend` decides (CUDA tensors -> Triton, CPU tensors -> torch).
+
+Row vocabulary: ``x`` has M *token rows*; the op works on S *grouped rows* sorted by expert, where expert
+e owns grouped rows ``[expert_offsets[e-1], expert_offsets[e])``. Grouped row s reads token row
+``gather_index[s]`` and writes output row ``scatter_index[s]``.
+"""
+
+import torch
+
+from . import backend
+
+_LIB = "moeplug_kernels"
+
+
+def grouped_mm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    *,
+    gather_index: torch.Tensor | None = None,
+    scatter_index: torch.Tensor | None = None,
+    gates: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-expert matrix products over expert-sorted rows: ``out[dst(s)] = gate[s] · x[src(s)] @ weight[e(s)]``.
+
+    Args:
+        x: ``[M, K]`` fp32/fp16/bf16 token rows.
+        weight: ``[E, K, N]``, same dtype and device as ``x``, any strides. A Hugging Face expert parameter
+            stored ``[E, N, K]`` is passed as ``w.transpose(1, 2)`` and is never copied.
+        expert_offsets: ``[E]`` int32/int64 cumulative *end* offsets of each expert's grouped rows
+            (``torch._grouped_mm``'s ``offs``); experts with zero rows repeat the previous offset.
+            ``expert_offsets[-1]`` must equal S, the number of grouped rows.
+        gather_index: ``[S]`` int64, grouped row s reads ``x[gather_index[s]]`` (with top-k routing: sorted
+            slot // k). ``None``: ``x`` is already grouped and S = M.
+        scatter_index: ``[S]`` int64 permutation of ``range(S)``: grouped row s is written to output row
+            ``scatter_index[s]``. ``None``: output rows stay in grouped order.
+        gates: ``[S]`` per-grouped-row scale applied to that output row (same dtype as ``x``), or ``None``.
+
+    Returns:
+        ``[S, N]`` tensor of ``x``'s dtype, in grouped order, or in scattered order if ``scatter_index``.
+    """
+    _validate(x, weight, expert_offsets, gather_index, scatter_index, gates)
+    return torch.ops.moeplug_kernels.grouped_mm(x, weight, expert_offsets, gather_index, scatter_index, gates)
+
+
+def _validate(x, weight, offsets, gather_index, scatter_index, gates) -> None:
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a 2-D float tensor [M, K], got shape {tuple(x.shape)} dtype {x.dtype}")
+    if weight.dim() != 3 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight must be [E, K={x.shape[1]}, N], got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight is {weight.dtype} on {weight.device}; expected x's {x.dtype} on {x.device}")
+    if offsets.dim() != 1 or offsets.shape[0] != weight.shape[0] or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"expert_offsets must be int32/int64 of shape [E={weight.shape[0]}], "
+            f"got shape {tuple(offsets.shape)} dtype {offsets.dtype}"
+        )
+    num_rows = x.shape[0] if gather_index is None else gather_index.shape[0]
+    for name, t, dtypes in (
+        ("gather_index", gather_index, (torch.int64,)),
+        ("scatter_index", scatter_index, (torch.int64,)),
+        ("gates", gates, (x.dtype,)),
+    ):
+        if t is not None and (t.dim() != 1 or t.shape[0] != num_rows or t.dtype not in dtypes):
+            raise ValueError(
+                f"{name} must be 1-D [S={num_rows}] of dtype {dtypes[0]}, got shape {tuple(t.shape)} dtype {t.dtype}"
+            )
+    # Checking offset values reads them, which would synchronise a GPU stream: only do it for CPU tensors.
+    if offsets.device.type == "cpu" and offsets.numel() > 0:
+        if bool((offsets.diff() < 0).any()) or int(offsets[0]) < 0:
+            raise ValueError(f"expert_offsets must be non-decreasing and >= 0, got {offsets.tolist()}")
+        if int(offsets[-1]) != num_rows:
+            raise ValueError(
+                f"expert_offsets[-1] = {int(offsets[-1])} must equal the number of grouped rows S = {num_rows} "
+                "(len(gather_index), or x.shape[0] when gather_index is None)"
+            )
+
+
+# ---------------------------------------------------------------------------------------------- reference
+def _gmm_layout_ok(*tensors: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` needs every non-unit stride to be a multiple of 16 bytes."""
+    return all(
+        s % (16 // t.element_size()) == 0 for t in tensors for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1
+    )
+
+
+def _expert_slices(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    return [(e, s, t) for e, (s, t) in enumerate(zip(starts, ends)) if t > s]
+
+
+def reference_forward(x, weight, offsets, gather_index=None, scatter_index=None, gates=None) -> torch.Tensor:
+    """Plain-torch :func:`grouped_mm` forward (no validation, no autograd); the production CPU path.
+
+    Uses ``torch._grouped_mm`` (one call for all experts) when the strides allow it, else a loop over the
+    experts that have rows (shapes such as K = 33 that are not 16-byte aligned).
+    """
+    x_g = x if gather_index is None else x.index_select(0, gather_index)
+    n = weight.shape[2]
+    if _gmm_layout_ok(x_g, weight) and n % (16 // x.element_size()) == 0:
+        y = torch._grouped_mm(x_g, weight, offsets.to(torch.int32))
+    else:
+        y = x_g.new_zeros(x_g.shape[0], n)
+        for e, start, end in _expert_slices(offsets):
+            torch.mm(x_g[start:end], weight[e], out=y[start:end])
+    if gates is not None:
+        y.mul_(gates.unsqueeze(1))
+    if scatter_index is None:
+        return y
+    return torch.empty_like(y).index_copy_(0, scatter_index, y)
+
+
+def reference_weight_grad(x, dy, offsets, x_index=None, dy_index=None, gates=None, transposed=False):
+    """``dW[e] = Σ_{s in e} gate[s] · x[x_index[s]]ᵀ dy[dy_index[s]]`` as ``[E, K, N]``.
+
+    ``transposed=True`` builds the result as a ``[E, N, K]`` contiguous tensor viewed as ``[E, K, N]``, the
+    layout of a Hugging Face ``[E, N, K]`` parameter passed transposed, so its gradient needs no copy.
+    """
+    x_g = x if x_index is None else x.index_select(0, x_index)
+    dz = dy if dy_index is None else dy.index_select(0, dy_index)
+    if gates is not None:
+        dz = dz * gates.unsqueeze(1)
+    a, b = (dz.t(), x_g) if transposed else (x_g.t(), dz)
+    if _gmm_layout_ok(a, b) and a.shape[0] % (16 // a.element_size()) == 0 and b.shape[1] % (16 // b.element_size()) == 0:
+        dw = torch._grouped_mm(a, b, offsets.to(torch.int32))
+    else:
+        dw = a.new_zeros(offsets.shape[0], a.shape[0], b.shape[1])
+        for e, start, end in _expert_slices(offsets):
+            torch.mm(a[:, start:end], b[start:end], out=dw[e])
+    return dw.transpose(1, 2) if transposed else dw
+
+
+# --------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op(f"{_LIB}::grouped_mm", mutates_args=())
+def _grouped_mm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    gather_index: torch.Tensor | None,
+    scatter_index: torch.Tensor | None,
+    gates: torch.Tensor | None,
+) -> torch.Tensor:
+    return reference_forward(x, weight, expert_offsets, gather_index, scatter_index, gates)
+
+
+@_grouped_mm_op.register_fake
+def _(x, weight, expert_offsets, gather_index, scatter_index, gates):
+    rows = x.shape[0] if gather_index is None else gather_index.shape[0]
+    return x.new_empty(rows, weight.shape[2])
+
+
+@torch.library.custom_op(f"{_LIB}::grouped_mm_weight_grad", mutates_args=())
+def _weight_grad_op(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    expert_offsets: torch.Tensor,
+    x_index: torch.Tensor | None,
+    dy_index: torch.Tensor | None,
+    gates: torch.Tensor | None,
+    transposed: bool,
+) -> torch.Tensor:
+    return reference_weight_grad(x, dy, expert_offsets, x_index, dy_index, gates, transposed)
+
+
+@_weight_grad_op.register_fake
+def _(x, dy, expert_offsets, x_index, dy_index, gates, transposed):
+    e, k, n = expert_offsets.shape[0], x.shape[1], dy.shape[1]
+    return x.new_empty(e, n, k).transpose(1, 2) if transposed else x.new_empty(e, k, n)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, offsets, gather_index, scatter_index, gates = inputs
+    ctx.save_for_backward(x, weight, offsets, gather_index, scatter_index, gates)
+
+
+def _backward(ctx, grad_out):
+    x, weight, offsets, gather_index, scatter_index, gates = ctx.saved_tensors
+    need_x, need_w, _, _, _, need_gates = ctx.needs_input_grad
+    # Autograd may hand over expanded (stride-0) gradients, e.g. from .sum(); the GEMMs want real strides.
+    grad_out = grad_out.contiguous()
+    grad_x = grad_w = grad_gates = None
+    if need_x or need_gates:
+        # u = dy_g @ W_eᵀ, read straight from the scattered gradient: the forward kernel with Wᵀ.
+        u = _grouped_mm_op(grad_out, weight.transpose(1, 2), offsets, scatter_index, None, None)
+        if need_gates:
+            x_g = x if gather_index is None else x.index_select(0, gather_index)
+            grad_gates = (u * x_g).sum(1)
+        if need_x:
+            dx_g = u if gates is None else u * gates.unsqueeze(1)
+            grad_x = dx_g if gather_index is None else torch.zeros_like(x).index_add_(0, gather_index, dx_g)
+    if need_w:
+        transposed = weight.stride(1) == 1 and weight.stride(2) != 1
+        grad_w = _weight_grad_op(x, grad_out, offsets, gather_index, scatter_index, gates, transposed)
+    return grad_x, grad_w, None, None, None, grad_gates
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
