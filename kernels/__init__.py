@@ -6,5 +6,6 @@ see the README's note on the name clash.
 
 from .backend import use_backend
 from .grouped_gemm import grouped_mm
+from .lora import lora_expand, lora_shrink
 
-__all__: list[str] = ["grouped_mm", "use_backend"]
+__all__: list[str] = ["grouped_mm", "lora_expand", "lora_shrink", "use_backend"]
