@@ -1,0 +1,123 @@
+"""Routed experts over 3-D weights: tokens sorted by expert, then grouped matmuls.
+
+No Python loop over experts or tokens: assignments are sorted once by expert and both expert
+projections run as one grouped GEMM each (`kernels.grouped_mm`: Triton on CUDA, `torch._grouped_mm`
+on CPU). The first GEMM reads token rows in place through the sort order and the second writes
+its rows straight back to (token, choice) order with the gate weights applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kernels import grouped_mm
+
+ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": nn.functional.silu,
+    "gelu": nn.functional.gelu,
+    "relu": nn.functional.relu,
+}
+
+
+def routed_experts_forward(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    in_bias: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Apply each token's k experts and sum their gated outputs.
+
+    Args:
+        hidden: [T, H] tokens.
+        top_k_index: [T, k] expert per slot; values >= E mark dropped slots (skipped).
+        top_k_weights: [T, k] gate weight per slot.
+        w_in: [E, H, N] first projection as (in, out) per expert; any strides (a transposed view
+            of Hugging Face's [E, N, H] parameter is used as is).
+        w_out: [E, I, H] second projection, (in, out) per expert.
+        activation: maps the first projection's [S, N] output to [S, I] (e.g. SwiGLU, N = 2I).
+        in_bias / out_bias: optional [E, N] / [E, H] per-expert biases.
+        post_norm: optional module applied to each expert output before gating.
+    Returns:
+        [T, H] in hidden's dtype.
+    """
+    tokens, top_k = top_k_index.shape
+    num_experts = w_in.shape[0]
+    flat_expert = top_k_index.reshape(-1)
+    # Stable sort keeps each expert's slots in token order; dropped slots (index E) sort last.
+    order = flat_expert.argsort(stable=True)
+    counts = torch.bincount(flat_expert, minlength=num_experts + 1)
+    kept = int(tokens * top_k - counts[num_experts])
+    offsets = torch.cumsum(counts[:num_experts], 0)
+    order = order[:kept]
+    sorted_expert = flat_expert[order]
+    gates = top_k_weights.reshape(-1)[order]
+
+    projected = grouped_mm(hidden, w_in, offsets, gather_index=order // top_k)
+    if in_bias is not None:
+        projected = projected + in_bias[sorted_expert]
+    activated = activation(projected)
+
+    all_kept = kept == tokens * top_k
+    fuse_epilogue = out_bias is None and post_norm is None
+    out = grouped_mm(
+        activated, w_out, offsets,
+        gates=gates if fuse_epilogue else None,
+        scatter_index=order if fuse_epilogue and all_kept else None,
+    )
+    if not fuse_epilogue:
+        if out_bias is not None:
+            out = out + out_bias[sorted_expert]
+        if post_norm is not None:
+            out = post_norm(out)
+        out = out * gates.unsqueeze(-1)
+    if not (fuse_epilogue and all_kept):
+        # Dropped slots contribute nothing: place kept rows back in (token, choice) order.
+        out = out.new_zeros(tokens * top_k, out.shape[-1]).index_copy(0, order, out)
+    return out.view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def swiglu(activation: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Gated activation over a concatenated [gate; up] projection: act(gate) * up."""
+
+    def gated(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return activation(gate) * up
+
+    return gated
+
+
+class GroupedExperts(nn.Module):
+    """E gated (SwiGLU-style) experts stored as 3-D weights in Hugging Face's layout.
+
+    gate_up_proj: [E, 2I, H] (gate rows first, then up rows); down_proj: [E, H, I].
+    The same layout as transformers' Mixtral/Qwen experts, so weights copy over unchanged.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "silu"):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.activation = swiglu(ACT_FNS[activation])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise like nn.Linear per expert (Kaiming-uniform on the input width)."""
+        for weight in (self.gate_up_proj, self.down_proj):
+            bound = 1.0 / weight.shape[-1] ** 0.5
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """[T, H] tokens, [T, k] experts and gate weights -> [T, H]."""
+        return routed_experts_forward(
+            hidden, top_k_index, top_k_weights,
+            self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2), self.activation,
+        )

@@ -1,0 +1,241 @@
+"""Patch Hugging Face transformers 5.x MoE models in place, through the library's own extension points.
+
+- Experts: an experts implementation named "moeplug" is registered in transformers'
+  `ALL_EXPERTS_FUNCTIONS` and selected with `model.set_experts_implementation`; weights stay
+  where they are.
+- Routers: each router module's class is swapped for a subclass of its own class (so
+  transformers' router-logit recording, which matches by class, keeps working). The subclass runs
+  the model's own routing, then adds capacity dropping, per-layer losses and statistics.
+- Losses: a forward hook on the model adds the per-layer losses to `output.loss` and reports
+  them as `output.aux_loss`, where transformers' `output_router_logits=True` path puts its own.
+
+With no options the patched model computes exactly what transformers computes (its own loss,
+including its balancing loss that pools all layers' experts by index); options are opt-in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .balance import RouterStats, auxiliary_losses
+from .config import MoEConfig
+from .experts import routed_experts_forward
+from .router import apply_capacity, check_logits
+
+EXPERTS_IMPLEMENTATION = "moeplug"
+# Families whose routers and experts are tested against transformers' own modules.
+SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+# Router score functions that differ from softmax (used for balancing-loss probabilities).
+_SIGMOID_FAMILIES = ("deepseek_v3",)
+PATCH_OPTIONS = ("capacity_factor", "drop_policy", "balance", "aux_loss_coef", "z_loss_coef")
+
+
+def _hf_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers experts-interface entry: run a fused-3-D experts module with grouped GEMMs."""
+    if self.has_gate:
+        w_in, in_bias, activation = self.gate_up_proj, getattr(self, "gate_up_proj_bias", None), self._apply_gate
+    else:
+        w_in, in_bias, activation = self.up_proj, getattr(self, "up_proj_bias", None), self.act_fn
+    w_out, out_bias = self.down_proj, getattr(self, "down_proj_bias", None)
+    if not self.is_transposed:  # stored as [E, out, in]; the GEMM wants (in, out) per expert
+        w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
+    return routed_experts_forward(
+        hidden_states, top_k_index, top_k_weights, w_in, w_out, activation,
+        in_bias if self.has_bias else None, out_bias if self.has_bias else None,
+        self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None,
+    )
+
+
+ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _hf_experts_forward)
+
+
+@dataclass
+class _PatchState:
+    """Shared by one patched model's routers and hooks."""
+
+    config: MoEConfig
+    score_func: str
+    token_mask: torch.Tensor | None = None
+    num_sequences: int = 1
+    routers: dict[str, nn.Module] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    previous_experts_implementation: str | None = None
+    previous_aux_coef: float | None = None
+
+
+class _MoEPlugRouter:
+    """Mixin placed before a model's router class: same routing, plus capacity, losses, stats."""
+
+    _moeplug: _PatchState
+
+    def forward(self, hidden_states, *args, **kwargs):
+        logits, weights, index = super().forward(hidden_states, *args, **kwargs)
+        state, cfg = self._moeplug, self._moeplug.config
+        check_logits(logits, self.num_experts)
+        logits32 = logits.float()
+        if state.score_func == "softmax":
+            probs = torch.softmax(logits32, dim=-1)
+        else:
+            probs = torch.sigmoid(logits32)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        selected = index
+        index, weights, dropped = apply_capacity(index, weights, probs, self.num_experts,
+                                                 cfg.capacity_factor, cfg.drop_policy)
+        mask = state.token_mask if state.token_mask is not None and state.token_mask.numel() == len(probs) else None
+        self.moeplug_aux_loss, lbl, z = auxiliary_losses(
+            logits32, probs, selected, self.top_k, cfg.balance, cfg.aux_loss_coef or 0.0, cfg.z_loss_coef,
+            mask, state.num_sequences,
+        )
+        self.moeplug_stats = RouterStats.collect(index, probs, dropped, lbl, z)
+        return logits, weights, index
+
+
+_router_classes: dict[type, type] = {}
+
+
+def _patched_router_class(cls: type) -> type:
+    if cls not in _router_classes:
+        _router_classes[cls] = type(f"MoEPlug{cls.__name__}", (_MoEPlugRouter, cls), {"_moeplug_base": cls})
+    return _router_classes[cls]
+
+
+def _is_router(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return name.endswith("topkrouter") and hasattr(module, "num_experts") and hasattr(module, "top_k")
+
+
+def _is_experts(module: nn.Module) -> bool:
+    return hasattr(module, "is_transposed") and isinstance(getattr(module, "down_proj", None), nn.Parameter)
+
+
+@dataclass
+class PatchReport:
+    """What `patch_model` changed: the family, the router and experts modules, the options."""
+
+    family: str
+    routers: list[str]
+    experts: list[str]
+    options: dict
+
+    def __str__(self) -> str:
+        return (f"moeplug patched {self.family}: {len(self.routers)} routers, {len(self.experts)} experts "
+                f"modules, options {self.options or 'none (drop-in)'}")
+
+
+def _make_config(model: nn.Module, options: dict) -> MoEConfig:
+    unknown = sorted(set(options) - set(PATCH_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown patch_model option(s) {unknown}; supported: {list(PATCH_OPTIONS)}")
+    options = {"balance": "hf", **options}
+    if options.get("aux_loss_coef") is None:
+        options["aux_loss_coef"] = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+    # Width-free validation: the per-model sizes do not matter for these options.
+    return MoEConfig(num_experts=1, top_k=1, **options)
+
+
+def _capture_batch(state: _PatchState):
+    def pre_hook(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        state.num_sequences = ids.shape[0] if ids is not None and ids.dim() >= 2 else 1
+        mask = kwargs.get("attention_mask")
+        state.token_mask = mask.reshape(-1) if mask is not None and mask.dim() == 2 else None
+        for router in state.routers.values():
+            router.moeplug_aux_loss = None
+
+    return pre_hook
+
+
+def _add_aux_loss(state: _PatchState):
+    def hook(module, args, kwargs, output):
+        losses = [r.moeplug_aux_loss for r in state.routers.values() if r.moeplug_aux_loss is not None]
+        if not losses:
+            return output
+        total = torch.stack([loss.float() for loss in losses]).sum()
+        if getattr(output, "loss", None) is not None:
+            output["loss"] = output.loss + total.to(output.loss.dtype)
+        if hasattr(output, "aux_loss"):
+            output["aux_loss"] = total
+        return output
+
+    return hook
+
+
+def patch_model(model: nn.Module, **options) -> PatchReport:
+    """Patch a transformers MoE model in place and return a report of what changed.
+
+    With no options the model computes exactly what it computed before (logits, loss and
+    transformers' own aux loss), only faster. Options (see `MoEConfig` for their meaning):
+    `capacity_factor`, `drop_policy`, `balance` ("hf" default, "micro", "sequence", "none"),
+    `aux_loss_coef` (default: the model's `router_aux_loss_coef`), `z_loss_coef`.
+    Any balance other than "hf" replaces transformers' pooled loss by per-layer losses, added to
+    `output.loss` and reported in `output.aux_loss`.
+
+    Raises:
+        ValueError: for an unsupported model family or a bad option value; TypeError for an
+        unknown option; RuntimeError if the model is already patched.
+    """
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"model family {family!r} is not supported by moeplug; supported: {list(SUPPORTED_FAMILIES)}")
+    if getattr(model, "_moeplug", None) is not None:
+        raise RuntimeError("model is already patched by moeplug; call moeplug.unpatch_model(model) first")
+    config = _make_config(model, options)
+    state = _PatchState(config, "sigmoid" if family in _SIGMOID_FAMILIES else "softmax")
+    experts = [name for name, module in model.named_modules() if _is_experts(module)]
+    for name, module in model.named_modules():
+        if _is_router(module):
+            module.__class__ = _patched_router_class(type(module))
+            module._moeplug = state
+            module.moeplug_aux_loss = None
+            module.moeplug_stats = None
+            state.routers[name] = module
+    if not state.routers or not experts:
+        raise ValueError(f"found no MoE routers/experts in this {family} model; nothing to patch")
+    state.previous_experts_implementation = model.config._experts_implementation
+    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    if config.balance != "hf" and hasattr(model, "router_aux_loss_coef"):
+        # transformers adds coef * (its pooled loss) when output_router_logits is on; ours replaces it.
+        state.previous_aux_coef = model.router_aux_loss_coef
+        model.router_aux_loss_coef = 0.0
+    state.hooks = [
+        model.register_forward_pre_hook(_capture_batch(state), with_kwargs=True),
+        model.register_forward_hook(_add_aux_loss(state), with_kwargs=True),
+    ]
+    model._moeplug = state
+    return PatchReport(family, list(state.routers), experts, dict(options))
+
+
+def unpatch_model(model: nn.Module) -> None:
+    """Undo `patch_model`: original router classes, experts implementation and loss coefficient."""
+    state = getattr(model, "_moeplug", None)
+    if state is None:
+        raise RuntimeError("model is not patched by moeplug")
+    for router in state.routers.values():
+        router.__class__ = router._moeplug_base
+        del router._moeplug, router.moeplug_aux_loss, router.moeplug_stats
+    for hook in state.hooks:
+        hook.remove()
+    model.set_experts_implementation(state.previous_experts_implementation)
+    if state.previous_aux_coef is not None:
+        model.router_aux_loss_coef = state.previous_aux_coef
+    del model._moeplug
+
+
+def router_stats(model: nn.Module) -> dict[str, RouterStats]:
+    """Per-layer routing statistics of the last forward pass, by module name.
+
+    Works for patched transformers models and for models built from `MoELayer`.
+    """
+    stats = {}
+    for name, module in model.named_modules():
+        value = getattr(module, "moeplug_stats", None) or getattr(module, "stats", None)
+        if isinstance(value, RouterStats):
+            stats[name] = value
+    return stats
