@@ -146,6 +146,11 @@ def _grouped_mm_op(
     scatter_index: torch.Tensor | None,
     gates: torch.Tensor | None,
 ) -> torch.Tensor:
+    if backend.use_triton(x.device):
+        # Imported on first use: Triton decides interpreted vs compiled when the kernels are defined.
+        from . import _grouped_gemm_triton
+
+        return _grouped_gemm_triton.forward(x, weight, expert_offsets, gather_index, scatter_index, gates)
     return reference_forward(x, weight, expert_offsets, gather_index, scatter_index, gates)
 
 
@@ -165,6 +170,10 @@ def _weight_grad_op(
     gates: torch.Tensor | None,
     transposed: bool,
 ) -> torch.Tensor:
+    if backend.use_triton(x.device):
+        from . import _grouped_gemm_triton
+
+        return _grouped_gemm_triton.weight_grad(x, dy, expert_offsets, x_index, dy_index, gates, transposed)
     return reference_weight_grad(x, dy, expert_offsets, x_index, dy_index, gates, transposed)
 
 

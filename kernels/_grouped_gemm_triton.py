@@ -1,0 +1,150 @@
+"""Triton kernels behind :func:`kernels.grouped_gemm.grouped_mm` (ScatterMoE's scatter2scatter and groupXtY).
+
+* ``_scatter2scatter``: each program owns up to BLOCK_M grouped rows of one expert and BLOCK_N output
+  columns; it reads its x rows through the gather index (no gathered copy of x), multiplies by the expert's
+  weight of any strides, scales by the gates and writes grouped or through the scatter index. The input
+  gradient reuses it with the transposed weight, reading the output gradient through the scatter index.
+* ``_group_xty``: the weight gradient, one program per (expert, K tile, N tile) reducing over that
+  expert's rows, again reading both operands through their indices.
+
+Pointer offsets are computed in int64: expert weights of real models pass 2**31 elements.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ._blocks import block_schedule, input_precision, launch_config, upcast_in_interpreter
+
+# Hopper: 128x128 tiles, 8 warps (two warpgroups) so tl.dot lowers to wgmma; 64-wide K in 3 stages
+# (~96 KiB shared). Ampere: the same tile with a 32-wide K slice in 4 stages (~64 KiB of 164 KiB).
+# The interpreter costs milliseconds per program, so it gets one big block instead.
+FORWARD_CONFIGS = {
+    "sm90": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    "sm80": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
+    "interpreter": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1),
+}
+WEIGHT_GRAD_CONFIGS = {
+    "sm90": dict(BLOCK_M=64, BLOCK_K=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    "sm80": dict(BLOCK_M=32, BLOCK_K=128, BLOCK_N=128, num_warps=8, num_stages=4),
+    "interpreter": dict(BLOCK_M=128, BLOCK_K=128, BLOCK_N=128, num_warps=4, num_stages=1),
+}
+
+
+@triton.jit
+def _scatter2scatter(
+    X, W, Y, GATES, IN_INDEX, OUT_INDEX, BLOCK_EXPERT, BLOCK_START, EXPERT_ENDS,
+    K, N,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
+    HAS_IN_INDEX: tl.constexpr, HAS_OUT_INDEX: tl.constexpr, HAS_GATES: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    expert = tl.load(BLOCK_EXPERT + tl.program_id(0))
+    if expert < 0:  # unused tail of the schedule
+        return
+    rows = tl.load(BLOCK_START + tl.program_id(0)) + tl.arange(0, BLOCK_M)
+    row_mask = rows < tl.load(EXPERT_ENDS + expert)
+    src = tl.load(IN_INDEX + rows, mask=row_mask, other=0) if HAS_IN_INDEX else rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    x_ptrs = X + src[:, None] * stride_xm
+    w_ptrs = W + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(x_ptrs + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST:
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+    if HAS_GATES:
+        acc *= tl.load(GATES + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    dst = tl.load(OUT_INDEX + rows, mask=row_mask, other=0) if HAS_OUT_INDEX else rows.to(tl.int64)
+    y_ptrs = Y + dst[:, None] * stride_ym + cols[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _group_xty(
+    X, DY, DW, GATES, X_INDEX, DY_INDEX, EXPERT_ENDS,
+    K, N,
+    stride_xm, stride_xk, stride_dym, stride_dyn, stride_we, stride_wk, stride_wn,
+    HAS_X_INDEX: tl.constexpr, HAS_DY_INDEX: tl.constexpr, HAS_GATES: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    expert = tl.program_id(0)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    ks = (tl.program_id(1) // tiles_n) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = (tl.program_id(1) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask, col_mask = ks < K, cols < N
+    start = tl.load(EXPERT_ENDS + expert - 1, mask=expert > 0, other=0)
+    end = tl.load(EXPERT_ENDS + expert)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < end
+        x_rows = tl.load(X_INDEX + rows, mask=row_mask, other=0) if HAS_X_INDEX else rows.to(tl.int64)
+        dy_rows = tl.load(DY_INDEX + rows, mask=row_mask, other=0) if HAS_DY_INDEX else rows.to(tl.int64)
+        xt = tl.load(
+            X + x_rows[None, :] * stride_xm + ks[:, None] * stride_xk,
+            mask=k_mask[:, None] & row_mask[None, :], other=0.0,
+        )  # fmt: skip
+        dy = tl.load(
+            DY + dy_rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=row_mask[:, None] & col_mask[None, :], other=0.0,
+        )  # fmt: skip
+        if HAS_GATES:
+            gate = tl.load(GATES + rows, mask=row_mask, other=0.0)
+            dy = (dy.to(tl.float32) * gate.to(tl.float32)[:, None]).to(dy.dtype)
+        if UPCAST:
+            xt, dy = xt.to(tl.float32), dy.to(tl.float32)
+        acc = tl.dot(xt, dy, acc, input_precision=INPUT_PRECISION)
+    dw_ptrs = DW + expert.to(tl.int64) * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wn
+    tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=k_mask[:, None] & col_mask[None, :])
+
+
+def forward(x, weight, offsets, gather_index=None, scatter_index=None, gates=None) -> torch.Tensor:
+    """Triton ``grouped_mm`` forward; same arguments and result as ``grouped_gemm.reference_forward``."""
+    num_rows = x.shape[0] if gather_index is None else gather_index.shape[0]
+    k, n = weight.shape[1], weight.shape[2]
+    y = x.new_empty(num_rows, n)
+    cfg = dict(launch_config(FORWARD_CONFIGS, x.device))
+    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
+    block_expert, block_start = block_schedule(starts, offsets, cfg["BLOCK_M"], num_rows)
+    grid = (block_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
+    _scatter2scatter[grid](
+        x, weight, y,
+        x if gates is None else gates,  # placeholders are never read: HAS_* flags are constexpr
+        block_expert if gather_index is None else gather_index,
+        block_expert if scatter_index is None else scatter_index,
+        block_expert, block_start, offsets,
+        k, n,
+        x.stride(0), x.stride(1), *weight.stride(), y.stride(0), y.stride(1),
+        HAS_IN_INDEX=gather_index is not None, HAS_OUT_INDEX=scatter_index is not None,
+        HAS_GATES=gates is not None, UPCAST=upcast_in_interpreter(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype), **cfg,
+    )  # fmt: skip
+    return y
+
+
+def weight_grad(x, dy, offsets, x_index=None, dy_index=None, gates=None, transposed=False) -> torch.Tensor:
+    """Triton weight gradient; same arguments and result as ``grouped_gemm.reference_weight_grad``."""
+    num_experts, k, n = offsets.shape[0], x.shape[1], dy.shape[1]
+    dw = x.new_empty(num_experts, n, k).transpose(1, 2) if transposed else x.new_empty(num_experts, k, n)
+    cfg = dict(launch_config(WEIGHT_GRAD_CONFIGS, x.device))
+    grid = (num_experts, triton.cdiv(k, cfg["BLOCK_K"]) * triton.cdiv(n, cfg["BLOCK_N"]))
+    _group_xty[grid](
+        x, dy, dw,
+        x if gates is None else gates,
+        offsets if x_index is None else x_index,
+        offsets if dy_index is None else dy_index,
+        offsets,
+        k, n,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *dw.stride(),
+        HAS_X_INDEX=x_index is not None, HAS_DY_INDEX=dy_index is not None, HAS_GATES=gates is not None,
+        UPCAST=upcast_in_interpreter(x.dtype), INPUT_PRECISION=input_precision(x.dtype), **cfg,
+    )  # fmt: skip
+    return dw
