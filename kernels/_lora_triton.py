@@ -1,0 +1,143 @@
+"""Triton kernels behind :func:`kernels.lora.lora_shrink` and :func:`kernels.lora.lora_expand`.
+
+The launcher sorts the batch's rows by adapter (one ``argsort``; base-model rows with adapter -1 sort first
+and are left out) and tiles each adapter's rows into blocks, so every program serves rows of ONE adapter and
+can use ``tl.dot``: a prefill segment fills whole blocks (MBGMM), a decode batch of mixed adapters gets
+one small block per adapter (MBGMV). Adapter weights are read straight from the paged pool: element k of
+rank-row j lives at ``pool[table[a, j*c + k // D], k % D]``. Work stops at each adapter's own rank (rank
+tiles past it exit at once; the expand loop runs to the rank), so no row pays for the largest rank.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._blocks import block_schedule, input_precision, launch_config, upcast_in_interpreter
+
+# Decode batches hold one or a few rows per adapter, so rows come in small blocks of 16 (tl.dot's minimum)
+# and a 16-wide rank tile matches the common ranks 8-64. The interpreter gets one big block instead.
+SHRINK_CONFIGS = {
+    "sm90": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=256, num_warps=4, num_stages=3),
+    "sm80": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=256, num_warps=4, num_stages=3),
+    "interpreter": dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=128, num_warps=4, num_stages=1),
+}
+EXPAND_CONFIGS = {
+    "sm90": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=256, num_warps=4, num_stages=3),
+    "sm80": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=256, num_warps=4, num_stages=3),
+    "interpreter": dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=128, num_warps=4, num_stages=1),
+}
+
+
+@triton.jit
+def _shrink(
+    X, POOL, TABLE, RANKS, V, ROW_ORDER, BLOCK_ADAPTER, BLOCK_START, ADAPTER_ENDS,
+    K, SLOT_WIDTH, CHUNKS,
+    stride_xm, stride_xk, stride_pool, stride_table, stride_vm, stride_vr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    adapter = tl.load(BLOCK_ADAPTER + tl.program_id(0))
+    if adapter < 0:
+        return
+    rank = tl.load(RANKS + adapter)
+    js = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    if tl.program_id(1) * BLOCK_R >= rank:  # this rank tile is past the adapter's rank
+        return
+    j_mask = js < rank
+    pos = tl.load(BLOCK_START + tl.program_id(0)) + tl.arange(0, BLOCK_M)
+    row_mask = pos < tl.load(ADAPTER_ENDS + adapter)
+    rows = tl.load(ROW_ORDER + pos, mask=row_mask, other=0)
+    table_row = TABLE + adapter.to(tl.int64) * stride_table + js * CHUNKS
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        tile_mask = k_mask[:, None] & j_mask[None, :]
+        slots = tl.load(table_row[None, :] + (ks // SLOT_WIDTH)[:, None], mask=tile_mask, other=0)
+        a_t = tl.load(POOL + slots.to(tl.int64) * stride_pool + (ks % SLOT_WIDTH)[:, None], mask=tile_mask, other=0.0)
+        if UPCAST:
+            x, a_t = x.to(tl.float32), a_t.to(tl.float32)
+        acc = tl.dot(x, a_t, acc, input_precision=INPUT_PRECISION)
+    v_ptrs = V + rows[:, None] * stride_vm + js[None, :] * stride_vr
+    tl.store(v_ptrs, acc.to(V.dtype.element_ty), mask=row_mask[:, None] & j_mask[None, :])
+
+
+@triton.jit
+def _expand(
+    Y, V, POOL, TABLE, RANKS, SCALES, ROW_ORDER, BLOCK_ADAPTER, BLOCK_START, ADAPTER_ENDS,
+    N, SLOT_WIDTH, CHUNKS,
+    stride_ym, stride_yn, stride_vm, stride_vr, stride_pool, stride_table,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    adapter = tl.load(BLOCK_ADAPTER + tl.program_id(0))
+    if adapter < 0:
+        return
+    rank = tl.load(RANKS + adapter)
+    pos = tl.load(BLOCK_START + tl.program_id(0)) + tl.arange(0, BLOCK_M)
+    row_mask = pos < tl.load(ADAPTER_ENDS + adapter)
+    rows = tl.load(ROW_ORDER + pos, mask=row_mask, other=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    table_row = TABLE + adapter.to(tl.int64) * stride_table + (cols // SLOT_WIDTH)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, rank, BLOCK_R):
+        js = j0 + tl.arange(0, BLOCK_R)
+        j_mask = js < rank
+        v = tl.load(V + rows[:, None] * stride_vm + js[None, :] * stride_vr, mask=row_mask[:, None] & j_mask[None, :], other=0.0)
+        tile_mask = j_mask[:, None] & col_mask[None, :]
+        slots = tl.load(table_row[None, :] + (js * CHUNKS)[:, None], mask=tile_mask, other=0)
+        b_t = tl.load(POOL + slots.to(tl.int64) * stride_pool + (cols % SLOT_WIDTH)[None, :], mask=tile_mask, other=0.0)
+        if UPCAST:
+            v, b_t = v.to(tl.float32), b_t.to(tl.float32)
+        acc = tl.dot(v, b_t, acc, input_precision=INPUT_PRECISION)
+    y_ptrs = Y + rows[:, None] * stride_ym + cols[None, :] * stride_yn
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    y = tl.load(y_ptrs, mask=out_mask, other=0.0).to(tl.float32) + tl.load(SCALES + adapter).to(tl.float32) * acc
+    tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=out_mask)
+
+
+def _schedule(row_adapter: torch.Tensor, num_adapters: int, block_m: int):
+    """Rows sorted by adapter plus a block schedule over the adapters' segments (rows with -1 excluded)."""
+    row_order = torch.argsort(row_adapter, stable=True)
+    counts = torch.bincount(row_adapter.long() + 1, minlength=num_adapters + 1)
+    ends = counts.cumsum(0)  # ends[0] closes the base-model (-1) segment
+    block_adapter, block_start = block_schedule(ends[:-1], ends[1:], block_m, row_adapter.shape[0])
+    return row_order, block_adapter, block_start, ends[1:]
+
+
+def shrink(x, pool, a_table, ranks, row_adapter) -> torch.Tensor:
+    """Triton ``lora_shrink``; same arguments and result as ``lora.reference_shrink``."""
+    chunks = math.ceil(x.shape[1] / pool.shape[1])
+    v = x.new_zeros(x.shape[0], a_table.shape[1] // chunks)
+    if a_table.shape[0] == 0 or x.shape[0] == 0:
+        return v
+    cfg = dict(launch_config(SHRINK_CONFIGS, x.device))
+    row_order, block_adapter, block_start, ends = _schedule(row_adapter, a_table.shape[0], cfg["BLOCK_M"])
+    grid = (block_adapter.shape[0], triton.cdiv(v.shape[1], cfg["BLOCK_R"]))
+    _shrink[grid](
+        x, pool, a_table, ranks, v, row_order, block_adapter, block_start, ends,
+        x.shape[1], pool.shape[1], chunks,
+        x.stride(0), x.stride(1), pool.stride(0), a_table.stride(0), v.stride(0), v.stride(1),
+        UPCAST=upcast_in_interpreter(x.dtype), INPUT_PRECISION=input_precision(x.dtype), **cfg,
+    )  # fmt: skip
+    return v
+
+
+def expand(y, v, pool, b_table, ranks, scales, row_adapter) -> torch.Tensor:
+    """Triton ``lora_expand`` (in place on ``y``); same arguments and result as ``lora.reference_expand``."""
+    if b_table.shape[0] == 0 or y.shape[0] == 0:
+        return y
+    cfg = dict(launch_config(EXPAND_CONFIGS, y.device))
+    row_order, block_adapter, block_start, ends = _schedule(row_adapter, b_table.shape[0], cfg["BLOCK_M"])
+    grid = (block_adapter.shape[0], triton.cdiv(y.shape[1], cfg["BLOCK_N"]))
+    _expand[grid](
+        y, v, pool, b_table, ranks, scales, row_order, block_adapter, block_start, ends,
+        y.shape[1], pool.shape[1], math.ceil(y.shape[1] / pool.shape[1]),
+        y.stride(0), y.stride(1), v.stride(0), v.stride(1), pool.stride(0), b_table.stride(0),
+        UPCAST=upcast_in_interpreter(y.dtype), INPUT_PRECISION=input_precision(y.dtype), **cfg,
+    )  # fmt: skip
+    return y
