@@ -70,8 +70,9 @@ def _validate(x, weight, offsets, gather_index, scatter_index, gates) -> None:
             raise ValueError(
                 f"{name} must be 1-D [S={num_rows}] of dtype {dtypes[0]}, got shape {tuple(t.shape)} dtype {t.dtype}"
             )
-    # Checking offset values reads them, which would synchronise a GPU stream: only do it for CPU tensors.
-    if offsets.device.type == "cpu" and offsets.numel() > 0:
+    # Checking offset values reads them, which would synchronise a GPU stream or break a torch.compile
+    # trace (data-dependent): only do it for CPU tensors in eager mode.
+    if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool((offsets.diff() < 0).any()) or int(offsets[0]) < 0:
             raise ValueError(f"expert_offsets must be non-decreasing and >= 0, got {offsets.tolist()}")
         if int(offsets[-1]) != num_rows:
