@@ -1,0 +1,133 @@
+"""lora_shrink / lora_expand: torch reference vs PEFT-style dense math per row, Triton vs the reference."""
+
+import math
+
+import pytest
+import torch
+
+from kernels import lora_expand, lora_shrink, use_backend
+
+K_DIM, N_DIM, SLOT_WIDTH = 100, 33, 16  # both span several 16-wide slots, the last one partly
+RANKS = [1, 8, 16, 64, 8]  # adapter 4 gets no rows in any batch below
+# fp32: same math, other summation order. fp16: values ~1 rounded to fp16 (spacing 1e-3) a few times.
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def make_paged_adapters(ranks, dtype, table_rank=None, table_dtype=torch.int64, seed=0):
+    """PEFT-shaped ``lora_A [r, K]`` and ``lora_B [N, r]`` per adapter, scattered over shuffled pool slots.
+
+    Unused slots and the tail of each last chunk hold random values, and table entries past each rank
+    hold -1, so reading anything the layout does not name shows up as a wrong result or an error.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ck, cn = math.ceil(K_DIM / SLOT_WIDTH), math.ceil(N_DIM / SLOT_WIDTH)
+    table_rank = table_rank or max(ranks)
+    pool = torch.randn(sum(ranks) * (ck + cn) + 17, SLOT_WIDTH, generator=gen)
+    free = torch.randperm(pool.shape[0], generator=gen)
+    a_table = torch.full((len(ranks), table_rank * ck), -1, dtype=table_dtype)
+    b_table = torch.full((len(ranks), table_rank * cn), -1, dtype=table_dtype)
+    lora_a, lora_b = [], []
+    for adapter, r in enumerate(ranks):
+        a = torch.randn(r, K_DIM, generator=gen) / K_DIM**0.5
+        b = torch.randn(N_DIM, r, generator=gen) / r**0.5
+        for table, rows, chunks in ((a_table, a, ck), (b_table, b.t(), cn)):
+            slots, free = free[: r * chunks], free[r * chunks :]
+            padded = torch.randn(r, chunks * SLOT_WIDTH, generator=gen)
+            padded[:, : rows.shape[1]] = rows
+            pool[slots] = padded.reshape(r * chunks, SLOT_WIDTH)
+            table[adapter, : r * chunks] = slots
+        lora_a.append(a.to(dtype))
+        lora_b.append(b.to(dtype))
+    ranks_t = torch.tensor(ranks)
+    scales = 2.0 / ranks_t.double().sqrt()  # rsLoRA-style alpha / sqrt(r)
+    return pool.to(dtype), a_table, b_table, ranks_t, scales.float(), lora_a, lora_b
+
+
+def make_batch(tokens, layout, dtype, seed=1):
+    """Rows with adapters 0-3 and -1 (base model): decode-like mixed order, or prefill-like segments."""
+    gen = torch.Generator().manual_seed(seed)
+    row_adapter = torch.randint(-1, 4, (tokens,), generator=gen)
+    if layout == "segments":
+        row_adapter = row_adapter.sort().values
+    x = torch.randn(tokens, K_DIM, generator=gen).to(dtype)
+    y = torch.randn(tokens, N_DIM, generator=gen).to(dtype)
+    return x, y, row_adapter
+
+
+def apply_lora(x, y, row_adapter, pool, a_table, b_table, ranks, scales):
+    v = lora_shrink(x, pool, a_table, ranks, row_adapter)
+    return v, lora_expand(y.clone(), v, pool, b_table, ranks, scales, row_adapter)
+
+
+@pytest.mark.parametrize("layout", ["mixed", "segments"])
+@pytest.mark.parametrize("tokens", [1, 7, 100])
+def test_reference_matches_dense_peft_math_per_row(tokens, layout):
+    pool, a_table, b_table, ranks, scales, lora_a, lora_b = make_paged_adapters(RANKS, torch.float32)
+    x, y, row_adapter = make_batch(tokens, layout, torch.float32)
+    with use_backend("torch"):
+        v, out = apply_lora(x, y, row_adapter, pool, a_table, b_table, ranks, scales)
+    expected_v, expected_y = torch.zeros_like(v), y.clone()
+    for t, a in enumerate(row_adapter.tolist()):
+        if a >= 0:  # PEFT: base(x) + lora_B(lora_A(x)) * scaling
+            expected_v[t, : RANKS[a]] = x[t] @ lora_a[a].t()
+            expected_y[t] += x[t] @ lora_a[a].t() @ lora_b[a].t() * scales[a]
+    torch.testing.assert_close(v, expected_v, **TOL[torch.float32])
+    torch.testing.assert_close(out, expected_y, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("layout", ["mixed", "segments"])
+@pytest.mark.parametrize("tokens", [1, 7, 100])
+def test_triton_matches_reference(tokens, layout, dtype):
+    paged = make_paged_adapters(RANKS, dtype, table_dtype=torch.int32)[:5]
+    x, y, row_adapter = make_batch(tokens, layout, dtype)
+    with use_backend("torch"):
+        expected = apply_lora(x, y, row_adapter, *paged)
+    with use_backend("triton"):
+        got = apply_lora(x, y, row_adapter, *paged)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_table_padding_does_not_change_the_result(backend):
+    x, y, row_adapter = make_batch(7, "mixed", torch.float32)
+    with use_backend(backend):
+        v_tight, y_tight = apply_lora(x, y, row_adapter, *make_paged_adapters(RANKS, torch.float32)[:5])
+        v_wide, y_wide = apply_lora(x, y, row_adapter, *make_paged_adapters(RANKS, torch.float32, table_rank=80)[:5])
+    assert v_wide.shape == (7, 80) and not v_wide[:, 64:].any()
+    torch.testing.assert_close(v_wide[:, :64], v_tight, **TOL[torch.float32])
+    torch.testing.assert_close(y_wide, y_tight, **TOL[torch.float32])
+
+
+def test_base_model_rows_are_untouched_by_both_backends():
+    paged = make_paged_adapters(RANKS, torch.float32)[:5]
+    x, y, _ = make_batch(7, "mixed", torch.float32)
+    row_adapter = torch.tensor([-1, 2, -1, -1, 0, -1, -1])
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            v, out = apply_lora(x, y, row_adapter, *paged)
+        base = row_adapter < 0
+        assert not v[base].any()
+        assert torch.equal(out[base], y[base])
+        assert not torch.equal(out[~base], y[~base])
+
+
+def test_bad_input_names_value_and_expectation():
+    pool, a_table, b_table, ranks, scales, _, _ = make_paged_adapters(RANKS, torch.float32)
+    x, y, row_adapter = make_batch(7, "mixed", torch.float32)
+    with pytest.raises(ValueError, match=r"row_adapter values must lie in \[-1, 4\], got min -1 max 5"):
+        lora_shrink(x, pool, a_table, ranks, torch.full_like(row_adapter, 5).index_fill_(0, torch.tensor([0]), -1))
+    with pytest.raises(ValueError, match=r"ranks must lie in \[0, 64\]"):
+        lora_shrink(x, pool, a_table, ranks * 2, row_adapter)
+    with pytest.raises(ValueError, match="pool must be .* torch.float32 .* got .* torch.float16"):
+        lora_shrink(x, pool.half(), a_table, ranks, row_adapter)
+    with pytest.raises(ValueError, match=r"a_table must be .* \[num_adapters, max_rank \* 7\]"):
+        lora_shrink(x, pool, a_table[:, :-1], ranks, row_adapter)
+    broken = a_table.clone()
+    broken[0, 0] = pool.shape[0]
+    with pytest.raises(ValueError, match=r"a_table\[0\] names slots outside the pool"):
+        lora_shrink(x, pool, broken, ranks, torch.zeros_like(row_adapter))
+    v = lora_shrink(x, pool, a_table, ranks, row_adapter)
+    with pytest.raises(ValueError, match=r"v must be \[T=7, R>=64\]"):
+        lora_expand(y, v[:, :8], pool, b_table, ranks, scales, row_adapter)
