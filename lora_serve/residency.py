@@ -1,0 +1,138 @@
+"""Which adapters are in the page pool: on-demand copy-in, LRU eviction of idle adapters, pinning.
+
+An adapter is *resident* when its A/B rank-rows are in pool slots and a table index ``m`` in
+``[0, capacity)`` points every adapted layer's wrapper at them. Residents used by running requests
+(``users > 0``) and pinned ones are never evicted; idle residents stay cached (a later request for them
+costs nothing) until their slots or index are needed, then the least recently used goes first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .adapter_store import Adapter
+from .lora_layers import BatchedLoRALinear
+from .pool import PagePool, SlotOwner
+
+
+@dataclass
+class Resident:
+    """A resident adapter: its table index, its pool slots and who holds it."""
+
+    index: int
+    slots: torch.Tensor
+    users: int = 0
+    pinned: bool = False
+
+    @property
+    def evictable(self) -> bool:
+        """Idle and not pinned."""
+        return self.users == 0 and not self.pinned
+
+
+class AdapterResidency:
+    """Moves adapters between the host store and the pool for the wrappers in ``layers``."""
+
+    def __init__(self, pool: PagePool, layers: dict[str, BatchedLoRALinear], capacity: int):
+        self.pool = pool
+        self.layers = layers  # shared with the engine, which adds wrappers as adapters target new layers
+        self.capacity = capacity
+        self._resident: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
+        self.loads = 0
+        self.evictions = 0
+
+    def slots_needed(self, adapter: Adapter) -> int:
+        """Pool slots ``adapter`` occupies when resident."""
+        return sum(self.layers[m].slots_needed(w.rank) for m, w in adapter.modules.items())
+
+    def is_resident(self, name: str) -> bool:
+        """Whether adapter ``name`` is in the pool now."""
+        return name in self._resident
+
+    def resident_names(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        return list(self._resident)
+
+    def get(self, name: str) -> Resident | None:
+        """The residency record of adapter ``name``, or None if it is not in the pool."""
+        return self._resident.get(name)
+
+    def index_of(self, name: str) -> int:
+        """Table index of resident adapter ``name``."""
+        return self._resident[name].index
+
+    def can_acquire(self, adapter: Adapter, free_slots: int) -> bool:
+        """Whether ``acquire`` would succeed with ``free_slots`` usable slots (plus evictable adapters)."""
+        if adapter.name in self._resident:
+            return True
+        idle = [r for r in self._resident.values() if r.evictable]
+        index_free = len(self._resident) < self.capacity or bool(idle)
+        return index_free and free_slots + sum(r.slots.numel() for r in idle) >= self.slots_needed(adapter)
+
+    def acquire(self, adapter: Adapter, free_slots: int) -> int:
+        """Make ``adapter`` resident (evicting LRU idle adapters as needed), count one user, return its index.
+
+        ``free_slots`` is how many free pool slots may be used (the caller keeps the rest for KV it has
+        promised to running requests). Call ``can_acquire`` first.
+        """
+        resident = self._resident.get(adapter.name)
+        if resident is None:
+            resident = self._load(adapter, free_slots)
+        resident.users += 1
+        self._resident.move_to_end(adapter.name)
+        return resident.index
+
+    def release(self, name: str) -> None:
+        """Drop one user of resident adapter ``name``; it stays cached until evicted."""
+        self._resident[name].users -= 1
+
+    def set_pinned(self, adapter: Adapter, pinned: bool, free_slots: int) -> None:
+        """Pin (load now and never evict) or unpin ``adapter``."""
+        if pinned and adapter.name not in self._resident:
+            if not self.can_acquire(adapter, free_slots):
+                raise RuntimeError(f"no room in the pool to pin adapter {adapter.name!r} now")
+            self._load(adapter, free_slots)
+        if adapter.name in self._resident:
+            self._resident[adapter.name].pinned = pinned
+
+    def evict(self, name: str) -> None:
+        """Remove adapter ``name`` from the pool (it must be idle); no-op if not resident."""
+        resident = self._resident.get(name)
+        if resident is None:
+            return
+        if resident.users:
+            raise RuntimeError(f"adapter {name!r} is used by {resident.users} running request(s)")
+        del self._resident[name]
+        for layer in self.layers.values():
+            if layer.ranks[resident.index] > 0:
+                layer.clear_adapter(resident.index)
+        self.pool.release(resident.slots, SlotOwner.ADAPTER)
+        self.evictions += 1
+
+    def _load(self, adapter: Adapter, free_slots: int) -> Resident:
+        needed = self.slots_needed(adapter)
+        for name in [n for n, r in self._resident.items() if r.evictable]:
+            if free_slots >= needed and len(self._resident) < self.capacity:
+                break
+            free_slots += self._resident[name].slots.numel()
+            self.evict(name)
+        if free_slots < needed or len(self._resident) >= self.capacity:
+            raise RuntimeError(f"cannot make adapter {adapter.name!r} resident: pool or adapter table full")
+        used = {r.index for r in self._resident.values()}
+        index = next(i for i in range(self.capacity) if i not in used)
+        slots = self.pool.allocate(needed, SlotOwner.ADAPTER)
+        layers = [(self.layers[m], w) for m, w in adapter.modules.items()]
+        rows = torch.cat([layer.pack(w.a, w.b) for layer, w in layers])
+        self.pool.slots[slots.to(self.pool.slots.device)] = rows.to(self.pool.slots)
+        start = 0
+        for layer, w in layers:
+            count = layer.slots_needed(w.rank)
+            layer.set_adapter(index, slots[start : start + count], w.rank, w.scale)
+            start += count
+        resident = Resident(index=index, slots=slots)
+        self._resident[adapter.name] = resident
+        self.loads += 1
+        return resident
