@@ -1,0 +1,126 @@
+"""``AsyncEngine``: stream tokens from an ``Engine`` to asyncio code (e.g. a FastAPI server).
+
+A daemon thread runs ``engine.step()`` while there is work and sleeps otherwise; each step's outputs
+are handed to the waiting coroutines through ``loop.call_soon_threadsafe``. Closing or cancelling a
+stream (a client disconnecting) aborts its request, which frees its pool pages at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from .engine import AdapterInfo, Engine
+from .request import RequestOutput
+from .sampling import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; the original exception is the ``__cause__``."""
+
+
+class AsyncEngine:
+    """Runs ``engine`` in a background thread; ``stream()`` yields each request's outputs as they come."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="lora_serve-engine", daemon=True)
+        self._thread.start()
+
+    async def stream(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its ``RequestOutput``s until the one with ``finished=True``.
+
+        Bad input raises at once (``KeyError`` / ``ValueError`` as in ``Engine.submit``). Leaving the
+        loop early, or cancelling the task, aborts the request.
+        """
+        self._check_alive()
+        request_id = request_id or f"req-{uuid.uuid4().hex}"
+        queue: asyncio.Queue = asyncio.Queue()
+        # Register before submitting: the engine thread may produce the first output immediately.
+        self._streams[request_id] = (asyncio.get_running_loop(), queue)
+        submitted = finished = False
+        try:
+            self.engine.submit(prompt, params, adapter, request_id)
+            submitted = True
+            self._wake.set()
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise EngineDeadError("the engine step loop failed") from item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if submitted and not finished:
+                self.abort(request_id)
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None
+    ) -> tuple[list[int], str, RequestOutput]:
+        """Run one request to the end; return ``(token_ids, text, last_output)``."""
+        token_ids, text = [], []
+        async for output in self.stream(prompt, params, adapter):
+            token_ids += output.token_ids
+            text.append(output.text)
+        return token_ids, "".join(text), output
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (its stream ends with finish reason ``abort``)."""
+        self.engine.abort(request_id)
+        self._wake.set()
+
+    async def add_adapter(self, name: str, path: str | Path) -> AdapterInfo:
+        """``Engine.add_adapter`` off the event loop (it reads files and waits for the current step)."""
+        return await asyncio.to_thread(self.engine.add_adapter, name, path)
+
+    async def remove_adapter(self, name: str, abort_requests: bool = False) -> None:
+        """``Engine.remove_adapter`` off the event loop."""
+        await asyncio.to_thread(self.engine.remove_adapter, name, abort_requests)
+        self._wake.set()
+
+    def close(self) -> None:
+        """Stop the step loop (in-flight requests stay unfinished) and wait for the thread."""
+        self._closed = True
+        self._wake.set()
+        self._thread.join()
+
+    def _check_alive(self) -> None:
+        if self._error is not None:
+            raise EngineDeadError("the engine step loop failed") from self._error
+        if self._closed:
+            raise RuntimeError("AsyncEngine is closed")
+
+    def _deliver(self, request_id: str, item) -> None:
+        entry = self._streams.get(request_id)
+        if entry is not None:
+            loop, queue = entry
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _loop(self) -> None:
+        while not self._closed:
+            if not self.engine.has_unfinished():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except BaseException as err:  # a bug in a step: fail every stream loudly, not hang them
+                self._error = err
+                for request_id in list(self._streams):
+                    self._deliver(request_id, err)
+                return
+            for output in outputs:
+                self._deliver(output.request_id, output)
