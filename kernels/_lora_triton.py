@@ -14,18 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import aot_case
 from ._blocks import block_schedule, input_precision, launch_config, upcast_in_interpreter
 
 # Decode batches hold one or a few rows per adapter, so rows come in small blocks of 16 (tl.dot's minimum)
-# and a 16-wide rank tile matches the common ranks 8-64. The interpreter gets one big block instead.
+# and a 16-wide rank tile matches the common ranks 8-64; these are memory-bound GEMVs, so Hopper and Ampere
+# share one config. The interpreter gets one big block instead.
+_GPU_SHRINK = dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=256, num_warps=4, num_stages=3)
+_GPU_EXPAND = dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=256, num_warps=4, num_stages=3)
 SHRINK_CONFIGS = {
-    "sm90": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=256, num_warps=4, num_stages=3),
-    "sm80": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_K=256, num_warps=4, num_stages=3),
+    "sm90": _GPU_SHRINK,
+    "sm80": _GPU_SHRINK,
     "interpreter": dict(BLOCK_M=64, BLOCK_R=64, BLOCK_K=128, num_warps=4, num_stages=1),
 }
 EXPAND_CONFIGS = {
-    "sm90": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=256, num_warps=4, num_stages=3),
-    "sm80": dict(BLOCK_M=16, BLOCK_R=16, BLOCK_N=256, num_warps=4, num_stages=3),
+    "sm90": _GPU_EXPAND,
+    "sm80": _GPU_EXPAND,
     "interpreter": dict(BLOCK_M=64, BLOCK_R=64, BLOCK_N=128, num_warps=4, num_stages=1),
 }
 
@@ -141,3 +145,23 @@ def expand(y, v, pool, b_table, ranks, scales, row_adapter) -> torch.Tensor:
         UPCAST=upcast_in_interpreter(y.dtype), INPUT_PRECISION=input_precision(y.dtype), **cfg,
     )  # fmt: skip
     return y
+
+
+# What the serving engine launches, in bf16: contiguous rows, v and pool, int64 page tables.
+_BF16, _I64, _I32 = "*bf16", "*i64", "*i32"
+_SCHEDULE_SIGNATURE = dict(ROW_ORDER=_I64, BLOCK_ADAPTER=_I32, BLOCK_START=_I32, ADAPTER_ENDS=_I64)
+_FIXED = dict(UPCAST=False, INPUT_PRECISION="ieee")
+AOT_CASES = [
+    aot_case(
+        "lora_shrink/gpu", _shrink,
+        dict(X=_BF16, POOL=_BF16, TABLE=_I64, RANKS=_I64, V=_BF16, **_SCHEDULE_SIGNATURE, K="i32",
+             SLOT_WIDTH="i32", CHUNKS="i32", stride_xm="i32", stride_pool="i32", stride_table="i32", stride_vm="i32"),
+        dict(stride_xk=1, stride_vr=1, **_FIXED), _GPU_SHRINK,
+    ),
+    aot_case(
+        "lora_expand/gpu", _expand,
+        dict(Y=_BF16, V=_BF16, POOL=_BF16, TABLE=_I64, RANKS=_I64, SCALES="*fp32", **_SCHEDULE_SIGNATURE, N="i32",
+             SLOT_WIDTH="i32", CHUNKS="i32", stride_ym="i32", stride_vm="i32", stride_pool="i32", stride_table="i32"),
+        dict(stride_yn=1, stride_vr=1, **_FIXED), _GPU_EXPAND,
+    ),
+]  # fmt: skip
