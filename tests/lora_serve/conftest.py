@@ -58,15 +58,17 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def save_adapter(base: torch.nn.Module, path, rank: int, targets: list[str], seed: int, **lora_options) -> None:
-    """Save a PEFT LoRA adapter for ``base`` with random non-zero A and B (PEFT inits B to zero)."""
+def save_adapter(
+    base: torch.nn.Module, path, rank: int, targets: list[str], seed: int, std: float = 0.3, **lora_options
+) -> None:
+    """Save a PEFT LoRA adapter for ``base`` with random N(0, std) A and B (PEFT would init B to zero)."""
     config = LoraConfig(r=rank, lora_alpha=lora_options.pop("alpha", 2 * rank), target_modules=targets, **lora_options)
     peft_model = get_peft_model(copy.deepcopy(base), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
     peft_model.save_pretrained(str(path))
 
 
