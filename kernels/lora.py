@@ -143,5 +143,7 @@ def reference_expand(y, v, pool, b_table, ranks, scales, row_adapter) -> torch.T
     for a, rows in _adapter_segments(row_adapter):
         r = rank_list[a]
         lora_bt = _paged_rows(pool, b_table, a, r, y.shape[1], "b_table")
-        y.index_add_(0, rows, v.index_select(0, rows)[:, :r] @ lora_bt, alpha=scale_list[a])
+        delta = (v.index_select(0, rows)[:, :r] @ lora_bt).mul_(scale_list[a])
+        # Rows are distinct within a segment; index_put_ measured steadier than index_add_ on busy CPUs.
+        y.index_put_((rows,), delta, accumulate=True)
     return y
