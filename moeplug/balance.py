@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .accounting import StepCounts
+
 
 def expert_counts(selected: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Assignments per expert, [E] float, from chosen experts [T, k] (masked tokens excluded).
@@ -130,17 +132,39 @@ class RouterStats:
                        None if lbl is None else float(lbl), None if z_loss is None else float(z_loss))
 
 
+def track_step(step_counts: StepCounts | None, selected: torch.Tensor, num_experts: int, balance: str,
+               token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, float] | None:
+    """Add a training micro-batch's expert counts to the layer's step accounting.
+
+    Returns the running (counts, tokens) of the step, summed over ranks when `balance` is
+    "global" (the global-batch loss needs them now), else None.
+    """
+    if step_counts is None:
+        if balance == "global":
+            raise RuntimeError(
+                "balance='global' needs to know where optimizer steps end: create "
+                "moeplug.BalanceController(model, optimizer) (or use the Trainer callback) before training")
+        return None
+    tokens = selected.shape[0] if token_mask is None else token_mask.sum()
+    running = step_counts.add(expert_counts(selected, num_experts, token_mask), tokens, sync=balance == "global")
+    return running if balance == "global" else None
+
+
 def auxiliary_losses(
     logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor, top_k: int, balance: str,
     aux_loss_coef: float, z_loss_coef: float, token_mask: torch.Tensor | None = None, num_sequences: int = 1,
+    global_counts: tuple[torch.Tensor, float] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Weighted auxiliary loss of one layer and its unweighted parts: (total, lbl, z_loss).
 
-    `balance` is "micro", "sequence" or "none" (a layer computes no loss for "hf"/"none").
+    `balance` is "micro", "sequence", "global" or "none" (no loss for "hf"/"none"). "global" uses
+    `global_counts` from `track_step`; without them (evaluation) it falls back to micro-batch counts.
     Returns (None, None, None) when no loss applies.
     """
     lbl = z = None
-    if balance == "micro" and aux_loss_coef > 0:
+    if balance == "global" and aux_loss_coef > 0 and global_counts is not None:
+        lbl = load_balancing_loss(probs, selected, top_k, token_mask, *global_counts)
+    elif balance in ("micro", "global") and aux_loss_coef > 0:
         lbl = load_balancing_loss(probs, selected, top_k, token_mask)
     elif balance == "sequence" and aux_loss_coef > 0:
         lbl = sequence_load_balancing_loss(probs, selected, top_k, num_sequences, token_mask)

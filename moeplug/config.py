@@ -8,9 +8,8 @@ from dataclasses import dataclass, fields
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 # "hf" keeps transformers' own balancing loss untouched (the drop-in default of `patch_model`);
-# the others are computed per layer by moeplug. Global-batch balancing plugs in through the
-# `counts=` seam of `moeplug.balance.load_balancing_loss`.
-BALANCE_MODES = ("hf", "micro", "sequence", "none")
+# the others are computed per layer by moeplug.
+BALANCE_MODES = ("hf", "micro", "sequence", "global", "none")
 ACTIVATIONS = ("silu", "gelu", "relu")
 
 
@@ -41,8 +40,9 @@ class MoEConfig:
             or "position" (earliest tokens).
     Losses (added to the model loss by `patch_model`; kept in `MoELayer.aux_loss`):
         balance: "micro" (per micro-batch, per layer), "sequence" (per sequence, DeepSeek-V3),
-            "none", or "hf" (only with `patch_model`: keep transformers' own loss, which pools
-            all layers' experts by index).
+            "global" (expert frequencies over all micro-batches of the optimizer step and all
+            data-parallel ranks; needs a `BalanceController`), "none", or "hf" (only with
+            `patch_model`: keep transformers' own loss, which pools all layers' experts by index).
         aux_loss_coef: coefficient of the load-balancing loss; None takes the model's own.
         z_loss_coef: coefficient of the router z-loss (ST-MoE); 0 disables it.
     """

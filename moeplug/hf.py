@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from .balance import RouterStats, auxiliary_losses
+from .balance import RouterStats, auxiliary_losses, track_step
 from .config import MoEConfig
 from .experts import routed_experts_forward
 from .router import apply_capacity, check_logits
@@ -66,6 +66,24 @@ class _PatchState:
     hooks: list = field(default_factory=list)
     previous_experts_implementation: str | None = None
     previous_aux_coef: float | None = None
+    # Set by BalanceController when aux-loss-free balancing is on: routers then choose experts
+    # by score + bias (DeepSeek-V3 already does, through its own e_score_correction_bias).
+    biased_selection: bool = False
+    family: str = ""
+
+
+def _biased_selection(router: nn.Module, family: str, logits: torch.Tensor, bias: torch.Tensor):
+    """Re-pick the top-k experts by score + bias and recompute gate weights the family's way."""
+    logits32 = logits.float()
+    scores = torch.softmax(logits32, dim=-1)
+    index = (scores + bias).topk(router.top_k, dim=-1).indices
+    if family == "gpt_oss":  # softmax over the chosen logits
+        weights = torch.softmax(logits32.gather(1, index), dim=-1)
+    else:
+        weights = scores.gather(1, index)
+        if family == "mixtral" or getattr(router, "norm_topk_prob", False):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), index
 
 
 class _MoEPlugRouter:
@@ -77,6 +95,8 @@ class _MoEPlugRouter:
         logits, weights, index = super().forward(hidden_states, *args, **kwargs)
         state, cfg = self._moeplug, self._moeplug.config
         check_logits(logits, self.num_experts)
+        if state.biased_selection and hasattr(self, "moeplug_selection_bias"):
+            weights, index = _biased_selection(self, state.family, logits, self.moeplug_selection_bias)
         logits32 = logits.float()
         if state.score_func == "softmax":
             probs = torch.softmax(logits32, dim=-1)
@@ -87,9 +107,12 @@ class _MoEPlugRouter:
         index, weights, dropped = apply_capacity(index, weights, probs, self.num_experts,
                                                  cfg.capacity_factor, cfg.drop_policy)
         mask = state.token_mask if state.token_mask is not None and state.token_mask.numel() == len(probs) else None
+        global_counts = None
+        if self.training:
+            global_counts = track_step(self.moeplug_step_counts, selected, self.num_experts, cfg.balance, mask)
         self.moeplug_aux_loss, lbl, z = auxiliary_losses(
             logits32, probs, selected, self.top_k, cfg.balance, cfg.aux_loss_coef or 0.0, cfg.z_loss_coef,
-            mask, state.num_sequences,
+            mask, state.num_sequences, global_counts,
         )
         self.moeplug_stats = RouterStats.collect(index, probs, dropped, lbl, z)
         return logits, weights, index
@@ -172,7 +195,7 @@ def patch_model(model: nn.Module, **options) -> PatchReport:
 
     With no options the model computes exactly what it computed before (logits, loss and
     transformers' own aux loss), only faster. Options (see `MoEConfig` for their meaning):
-    `capacity_factor`, `drop_policy`, `balance` ("hf" default, "micro", "sequence", "none"),
+    `capacity_factor`, `drop_policy`, `balance` ("hf" default, "micro", "sequence", "global", "none"),
     `aux_loss_coef` (default: the model's `router_aux_loss_coef`), `z_loss_coef`.
     Any balance other than "hf" replaces transformers' pooled loss by per-layer losses, added to
     `output.loss` and reported in `output.aux_loss`.
@@ -187,7 +210,7 @@ def patch_model(model: nn.Module, **options) -> PatchReport:
     if getattr(model, "_moeplug", None) is not None:
         raise RuntimeError("model is already patched by moeplug; call moeplug.unpatch_model(model) first")
     config = _make_config(model, options)
-    state = _PatchState(config, "sigmoid" if family in _SIGMOID_FAMILIES else "softmax")
+    state = _PatchState(config, "sigmoid" if family in _SIGMOID_FAMILIES else "softmax", family=family)
     experts = [name for name, module in model.named_modules() if _is_experts(module)]
     for name, module in model.named_modules():
         if _is_router(module):
@@ -195,6 +218,10 @@ def patch_model(model: nn.Module, **options) -> PatchReport:
             module._moeplug = state
             module.moeplug_aux_loss = None
             module.moeplug_stats = None
+            module.moeplug_step_counts = None
+            if not hasattr(module, "e_score_correction_bias"):
+                # Non-persistent: transformers checkpoints have no slot for it (see BalanceController.state_dict).
+                module.register_buffer("moeplug_selection_bias", torch.zeros(module.num_experts), persistent=False)
             state.routers[name] = module
     if not state.routers or not experts:
         raise ValueError(f"found no MoE routers/experts in this {family} model; nothing to patch")
@@ -219,7 +246,9 @@ def unpatch_model(model: nn.Module) -> None:
         raise RuntimeError("model is not patched by moeplug")
     for router in state.routers.values():
         router.__class__ = router._moeplug_base
-        del router._moeplug, router.moeplug_aux_loss, router.moeplug_stats
+        del router._moeplug, router.moeplug_aux_loss, router.moeplug_stats, router.moeplug_step_counts
+        if "moeplug_selection_bias" in router._buffers:
+            del router._buffers["moeplug_selection_bias"]
     for hook in state.hooks:
         hook.remove()
     model.set_experts_implementation(state.previous_experts_implementation)

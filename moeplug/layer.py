@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .balance import RouterStats, auxiliary_losses
+from .accounting import StepCounts
+from .balance import RouterStats, auxiliary_losses, track_step
 from .config import MoEConfig
 from .experts import ACT_FNS, GroupedExperts
 from .router import route
@@ -38,7 +39,8 @@ class MoELayer(nn.Module):
         add it to your loss (or use `moeplug.aux_loss(model)` to sum every layer's).
       - `stats`: a `RouterStats` with tokens per expert, dropped assignments, losses, entropy.
     `selection_bias` ([E] buffer, zeros) is added to scores when choosing experts only; the
-    aux-loss-free balancing update writes it.
+    aux-loss-free balancing update of `BalanceController` writes it. `step_counts` (set by the
+    controller) accumulates the expert loads of the current optimizer step.
     """
 
     def __init__(self, config: MoEConfig):
@@ -56,6 +58,7 @@ class MoELayer(nn.Module):
         self.register_buffer("selection_bias", torch.zeros(config.num_experts))
         self.aux_loss: torch.Tensor | None = None
         self.stats: RouterStats | None = None
+        self.step_counts: StepCounts | None = None
 
     def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Route every token of `hidden` [..., H]; `token_mask` [...] excludes padding from losses."""
@@ -75,9 +78,12 @@ class MoELayer(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
             out = out + shared
         num_sequences = hidden.shape[0] if hidden.dim() == 3 else 1
+        global_counts = None
+        if self.training:
+            global_counts = track_step(self.step_counts, routing.selected, cfg.num_experts, cfg.balance, token_mask)
         self.aux_loss, lbl, z = auxiliary_losses(
             routing.logits, routing.scores, routing.selected, cfg.top_k, cfg.balance,
-            cfg.aux_loss_coef or 0.0, cfg.z_loss_coef, token_mask, num_sequences,
+            cfg.aux_loss_coef or 0.0, cfg.z_loss_coef, token_mask, num_sequences, global_counts,
         )
         self.stats = RouterStats.collect(routing.top_k_index, routing.scores, routing.dropped, lbl, z)
         return out.view_as(hidden)
