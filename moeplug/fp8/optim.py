@@ -1,0 +1,186 @@
+"""AdamW with both moments stored in FP8 (E4M3) using COAT's per-group dynamic range expansion.
+
+Per parameter of at least ``min_quantized_numel`` elements the state is
+
+========================  ======================  ===============================================
+key                       dtype, shape            meaning
+========================  ======================  ===============================================
+``step``                  fp32, ``[]``            number of updates taken (as in torch's AdamW)
+``exp_avg``               E4M3, like the param    first-moment codes
+``exp_avg_amax``          fp32, ``[n_groups]``    per-group absmax of the first moment
+``exp_avg_k16``           uint8, ``[n_groups]``   per-group expansion exponent times 16
+``exp_avg_sq``            E4M3, like the param    second-moment codes
+``exp_avg_sq_amax``       fp32, ``[n_groups]``
+``exp_avg_sq_k16``        uint8, ``[n_groups]``
+========================  ======================  ===============================================
+
+with ``n_groups = ceil(numel / group_size)`` (see :mod:`kernels.fp8` for the format and why COAT's
+centre needs no storage): 2 + 10/128 ≈ 2.08 bytes per parameter. Smaller parameters keep torch's fp32
+``exp_avg``/``exp_avg_sq``, as bitsandbytes and torchao do: their groups would be mostly metadata and
+they are a negligible share of a model's memory.
+
+Each step dequantises the moments to fp32, runs the one fp32 AdamW update (:func:`adamw_math`, shared
+with the fp32-state parameters), and requantises. The parameter is updated with the fp32 moments before
+requantisation, as in COAT, so the quantisation error enters through the next step's moments only.
+"""
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from kernels.fp8 import dequantize_fp8_expanded, quantize_fp8_expanded
+
+__all__ = ["FP8AdamW", "adamw_math"]
+
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def adamw_math(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+) -> None:
+    """One decoupled-weight-decay Adam update in fp32, in place on ``param``, ``exp_avg``, ``exp_avg_sq``.
+
+    The same arithmetic, in the same order, as ``torch.optim.AdamW`` (bit for bit, tested): decay, moment
+    updates, bias correction, ``eps`` added after the square root. ``step`` counts this update (1-based).
+    """
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+def _fp8_moments_step(
+    param: torch.Tensor, grad: torch.Tensor, state: dict, hyper: dict, step: int, group_size: int
+) -> None:
+    """Dequantise both moments, apply :func:`adamw_math` in fp32, and store them requantised in ``state``."""
+    moments = [
+        dequantize_fp8_expanded(state[k], state[f"{k}_amax"], state[f"{k}_k16"], group_size) for k in _MOMENTS
+    ]
+    adamw_math(param, grad, *moments, step=step, **hyper)
+    for key, moment in zip(_MOMENTS, moments):
+        state[key], state[f"{key}_amax"], state[f"{key}_k16"] = quantize_fp8_expanded(moment, group_size)
+
+
+class FP8AdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) whose moments live in FP8 E4M3 with COAT's range expansion.
+
+    Args:
+        params: parameters or param-group dicts, as for any ``torch.optim.Optimizer``. Parameters must be
+            dense fp32 (they are the master weights) and real.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (same defaults).
+        amsgrad: only ``False`` is supported; accepted so configs written for AdamW fail loudly.
+        group_size: values per quantisation group (COAT: 128).
+        min_quantized_numel: parameters with fewer elements keep fp32 moments.
+
+    Quantisation runs through :mod:`kernels.fp8` (Triton kernels for CUDA tensors, torch on CPU).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        amsgrad: bool = False,
+        group_size: int = 128,
+        min_quantized_numel: int = 4096,
+    ) -> None:
+        if amsgrad:
+            raise ValueError("FP8AdamW does not implement amsgrad=True; use torch.optim.AdamW for AMSGrad")
+        if not lr >= 0.0:
+            raise ValueError(f"lr={lr!r} must be >= 0")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas={betas!r} must be two numbers in [0, 1)")
+        if not eps >= 0.0:
+            raise ValueError(f"eps={eps!r} must be >= 0")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay={weight_decay!r} must be >= 0")
+        if not (group_size >= 2 and group_size & (group_size - 1) == 0):
+            raise ValueError(f"group_size={group_size!r} must be a power of two >= 2")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+        self.group_size = group_size
+        self.min_quantized_numel = min_quantized_numel
+
+    def _init_state(self, param: torch.Tensor) -> dict:
+        state = self.state[param]
+        state["step"] = torch.tensor(0.0)
+        if param.numel() < self.min_quantized_numel:
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            return state
+        n_groups = -(-param.numel() // self.group_size)
+        for key in _MOMENTS:
+            state[key] = torch.zeros(param.shape, dtype=torch.float8_e4m3fn, device=param.device)
+            state[f"{key}_amax"] = torch.zeros(n_groups, dtype=torch.float32, device=param.device)
+            # k16 = 16 (k = 1) for the all-zero start; any value dequantises zeros to zero.
+            state[f"{key}_k16"] = torch.full((n_groups,), 16, dtype=torch.uint8, device=param.device)
+        return state
+
+    @staticmethod
+    def _check_param(param: torch.Tensor, index: int) -> None:
+        if param.grad.is_sparse:
+            raise RuntimeError(f"FP8AdamW does not support sparse gradients (param {index} of its group, "
+                               f"shape {tuple(param.shape)}); use torch.optim.SparseAdam")
+        if param.is_complex():
+            raise RuntimeError(f"FP8AdamW does not support complex parameters (param {index}, dtype "
+                               f"{param.dtype}); view them as real with torch.view_as_real")
+        if param.dtype != torch.float32:
+            raise RuntimeError(f"FP8AdamW keeps fp32 master weights, but param {index} is {param.dtype}; "
+                               "keep parameters in fp32 and train with autocast")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                         weight_decay=group["weight_decay"])
+            for index, param in enumerate(group["params"]):
+                if param.grad is None:
+                    continue
+                self._check_param(param, index)
+                state = self.state[param] or self._init_state(param)
+                state["step"] += 1
+                step = int(state["step"].item())
+                if state["exp_avg"].dtype == torch.float32:
+                    adamw_math(param, param.grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper)
+                else:
+                    _fp8_moments_step(param, param.grad, state, hyper, step, self.group_size)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by :meth:`state_dict`, keeping codes in E4M3 and exponents in uint8.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every non-``step`` state tensor to its
+        parameter's dtype (fp32 here). Both casts are exact, so restoring the saved dtypes afterwards
+        gives back the saved bits.
+        """
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        super().load_state_dict(state_dict)
+        for saved_id, param in zip(saved_ids, params):
+            for key, saved in state_dict["state"].get(saved_id, {}).items():
+                loaded = self.state[param][key]
+                if torch.is_tensor(saved) and loaded.dtype != saved.dtype:
+                    self.state[param][key] = loaded.to(saved.dtype)
