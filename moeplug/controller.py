@@ -40,12 +40,20 @@ def selection_bias(module: nn.Module) -> torch.Tensor:
     return module.moeplug_selection_bias
 
 
+def _innermost(optimizer):
+    """The torch optimizer inside Accelerate/DeepSpeed wrappers: it steps once per real step."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 class BalanceController:
     """Per-optimizer-step expert-load accounting, aux-loss-free bias updates and balance metrics.
 
     Args:
         model: a model patched by `moeplug.patch_model` or built from `MoELayer`s.
-        optimizer: if given, `step()` runs automatically right before each `optimizer.step()`.
+        optimizer: if given, `step()` runs automatically right before each optimizer step (also
+            through Accelerate's and DeepSpeed's optimizer wrappers, which skip accumulation steps).
         bias_update_rate: aux-loss-free balancing rate (DeepSeek-V3 uses 1e-3); 0 disables it.
         group: process group whose ranks' loads are summed (default: all ranks, if initialised).
     """
@@ -67,7 +75,7 @@ class BalanceController:
         self.steps = 0
         self._hook = None
         if optimizer is not None:
-            self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+            self._hook = _innermost(optimizer).register_step_pre_hook(self._before_optimizer_step)
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
         self.step()

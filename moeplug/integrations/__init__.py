@@ -1,0 +1,1 @@
+"""Glue for training frameworks (the only place moeplug imports them)."""
