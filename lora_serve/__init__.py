@@ -1,8 +1,9 @@
 """Serve one base model with many LoRA adapters in mixed batches from one paged memory pool."""
 
 from .adapter_store import AdapterError
+from .async_engine import AsyncEngine, EngineDeadError
 from .config import EngineConfig
-from .engine import AdapterInfo, AdapterInUseError, Engine
+from .engine import AdapterInfo, AdapterInUseError, Engine, EngineStats
 from .pool import PoolStats
 from .request import Completion, FinishReason, RequestOutput
 from .sampling import SamplingParams
@@ -11,9 +12,12 @@ __all__ = [
     "AdapterError",
     "AdapterInUseError",
     "AdapterInfo",
+    "AsyncEngine",
     "Completion",
     "Engine",
     "EngineConfig",
+    "EngineDeadError",
+    "EngineStats",
     "FinishReason",
     "PoolStats",
     "RequestOutput",

@@ -3,6 +3,9 @@
 A daemon thread runs ``engine.step()`` while there is work and sleeps otherwise; each step's outputs
 are handed to the waiting coroutines through ``loop.call_soon_threadsafe``. Closing or cancelling a
 stream (a client disconnecting) aborts its request, which frees its pool pages at the next step.
+
+The thread owns the engine's stepping: do not call ``engine.step()`` or ``engine.generate()`` yourself
+while an ``AsyncEngine`` wraps it, or outputs meant for the streams are consumed there.
 """
 
 from __future__ import annotations

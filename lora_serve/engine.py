@@ -48,6 +48,19 @@ class AdapterInfo:
     pinned: bool
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot for monitoring (e.g. Prometheus gauges): queue, batch, pool and adapter cache."""
+
+    running: int
+    waiting: int
+    pool: PoolStats
+    adapters_registered: int
+    adapters_resident: int
+    adapter_loads: int  # copies into the pool since start
+    adapter_evictions: int
+
+
 class AdapterInUseError(RuntimeError):
     """``remove_adapter`` was asked to remove an adapter that running or waiting requests use."""
 
@@ -131,8 +144,9 @@ class Engine:
         (their streams end with finish reason ``abort``).
         """
         with self._lock:
+            self.store.get(name)  # KeyError for an unknown name
             self._drain_inbox()
-            users = self.scheduler.uses_adapter(self.store.get(name).name)
+            users = self.scheduler.uses_adapter(name)
             if users and not abort_requests:
                 raise AdapterInUseError(f"adapter {name!r} is used by {len(users)} request(s); abort them first")
             for request in users:
@@ -167,6 +181,19 @@ class Engine:
     def pool_stats(self) -> PoolStats:
         """Pool accounting: slots used by KV, by adapters, and free."""
         return self.pool.stats()
+
+    def stats(self) -> EngineStats:
+        """Queue lengths, pool accounting and adapter-cache counters."""
+        with self._lock:
+            return EngineStats(
+                running=len(self.scheduler.running),
+                waiting=sum(len(q) for q in self.scheduler.waiting.values()) + len(self._inbox),
+                pool=self.pool.stats(),
+                adapters_registered=len(self.store.names()),
+                adapters_resident=len(self.residency.resident_names()),
+                adapter_loads=self.residency.loads,
+                adapter_evictions=self.residency.evictions,
+            )
 
     # ------------------------------------------------------------------ requests
     def submit(

@@ -7,8 +7,7 @@ import copy
 
 import pytest
 
-from lora_serve import Engine, EngineConfig, FinishReason, SamplingParams
-from lora_serve.async_engine import AsyncEngine
+from lora_serve import AsyncEngine, Engine, EngineConfig, FinishReason, SamplingParams
 
 PROMPTS = [[5, 17, 33, 9, 41, 77], [8, 19], [44, 45, 46, 47, 48, 49, 50, 51, 52]]
 
@@ -60,9 +59,9 @@ def test_leaving_a_stream_aborts_the_request_and_frees_its_pages(engines):
     outputs, finished = asyncio.run(run())
     assert len(outputs) == 3 and not outputs[-1].finished
     assert finished[-1].finish_reason == FinishReason.LENGTH
-    engine = streaming.engine
-    assert not engine.has_unfinished()
-    assert engine.pool_stats().kv == 0
+    stats = streaming.engine.stats()
+    assert (stats.running, stats.waiting, stats.pool.kv) == (0, 0, 0)
+    assert not streaming.engine.has_unfinished()
 
 
 def test_bad_request_raises_in_the_caller(engines):
