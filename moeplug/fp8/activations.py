@@ -1,0 +1,167 @@
+"""Store the activations autograd saves for backward in FP8 (E4M3), as COAT does.
+
+Two granularities, after COAT: inputs of linear layers get one scale per tensor (their consumers, the
+weight-gradient GEMMs, are what FP8 GEMMs would read); tensors saved by non-linear ops (activation
+functions, norms, the gating product of an MLP) get one scale per 1×16 group, because their values
+vary too much along a row for a single scale. Group scales are kept in bf16 (rounding them changes a
+value by at most 2^-9 relative, well below E4M3's 2^-4), so a 1×16 group costs 18 bytes instead of 64 in
+fp32 (0.28x); a per-tensor one costs 1 byte per value (0.25x).
+
+Left alone: integer and bool tensors (indices, masks), parameters, tensors under ``min_numel`` elements,
+and everything saved outside the chosen modules (the residual stream and attention, by default).
+
+Built on ``torch.autograd.graph.saved_tensors_hooks``: a forward pre-hook on each chosen module pushes
+the hooks, a forward hook pops them, so they apply to exactly what that module's forward saves (the
+innermost chosen module decides the granularity). Backward restores the saved tensors in their dtype.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from kernels.fp8 import FP8_MAX, dequantize_fp8, quantize_fp8
+
+__all__ = ["ActivationCompressor", "compress_activations", "default_selection"]
+
+_E4M3 = torch.float8_e4m3fn
+_SCALE_DTYPE = torch.bfloat16
+# Per-tensor codes are dequantised with the group kernels, every group given the tensor's one scale.
+_TENSORWISE_GROUP = 128
+
+
+class _Packed:
+    """FP8 codes and scales standing in for one saved tensor until backward needs it."""
+
+    __slots__ = ("codes", "scales", "group_size", "dtype")
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype):
+        self.codes, self.scales, self.group_size, self.dtype = codes, scales, group_size, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+
+def _pack_groupwise(x: torch.Tensor, group_size: int) -> _Packed:
+    codes, scales = quantize_fp8(x.detach(), group_size, _E4M3)
+    return _Packed(codes, scales.to(_SCALE_DTYPE), group_size, x.dtype)
+
+
+def _pack_tensorwise(x: torch.Tensor) -> _Packed:
+    x = x.detach()
+    amax = x.abs().amax().float()
+    scale = torch.where(amax > 0, amax / FP8_MAX[_E4M3], 1.0).reshape(1)  # one fp32 scale: no rounding
+    return _Packed((x.float() / scale).to(_E4M3), scale, 0, x.dtype)
+
+
+def _unpack(packed: _Packed) -> torch.Tensor:
+    if packed.group_size:
+        return dequantize_fp8(packed.codes, packed.scales.float(), packed.group_size, packed.dtype)
+    n_groups = -(-packed.codes.numel() // _TENSORWISE_GROUP)
+    scales = packed.scales.float().expand(n_groups)
+    return dequantize_fp8(packed.codes, scales, _TENSORWISE_GROUP, packed.dtype)
+
+
+_ACTIVATION_MODULES = (torch.nn.SiLU, torch.nn.GELU, torch.nn.ReLU, torch.nn.Tanh, torch.nn.Sigmoid)
+
+
+def default_selection(name: str, module: torch.nn.Module) -> str | None:
+    """Which modules' saved tensors to compress, and how: ``"tensor"``, ``"group"`` or ``None``.
+
+    Linear layers (per tensor), except an output head named ``lm_head`` whose logits gradient is the
+    most sensitive; MLP / expert / MoE blocks, norms and activation functions (1×16 groups). Attention
+    internals and the residual stream stay in their own precision, as in COAT.
+    """
+    if isinstance(module, torch.nn.Linear):
+        return None if name.split(".")[-1] == "lm_head" else "tensor"
+    kind = type(module).__name__.lower()
+    if isinstance(module, _ACTIVATION_MODULES) or type(module).__module__ == "transformers.activations":
+        return "group"
+    if any(part in kind for part in ("mlp", "expert", "moe", "norm")):
+        return "group"
+    return None
+
+
+class ActivationCompressor:
+    """Module hooks that store the chosen modules' saved activations in FP8; see the module docstring.
+
+    Create with :func:`compress_activations`; :meth:`remove` uninstalls the hooks (tensors already
+    saved stay compressed until their backward). ``packed_bytes`` / ``original_bytes`` count what was
+    compressed since the last :meth:`reset_stats` (each saved tensor once, however often it is saved).
+    """
+
+    def __init__(self, model: torch.nn.Module, select: Callable[[str, torch.nn.Module], str | None],
+                 group_size: int, min_numel: int) -> None:
+        self.group_size, self.min_numel = group_size, min_numel
+        self.packed_bytes = self.original_bytes = 0
+        self._stack: list[torch.autograd.graph.saved_tensors_hooks] = []
+        # A tensor saved by several ops (a linear input feeding gate and up projections) is packed once.
+        self._packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._handles = []
+        self.modules: dict[str, str] = {}
+        for name, module in model.named_modules():
+            mode = select(name, module)
+            if mode not in (None, "tensor", "group"):
+                raise ValueError(f"selection for module {name!r} returned {mode!r}; expected 'tensor', 'group' or None")
+            if mode is not None:
+                self.modules[name] = mode
+                self._handles.append(module.register_forward_pre_hook(self._enter_hook(mode)))
+                self._handles.append(module.register_forward_hook(self._exit, always_call=True))
+
+    def _enter_hook(self, mode: str) -> Callable:
+        def enter(module, args):
+            hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: self._pack(t, mode), _unpack_saved)
+            hooks.__enter__()
+            self._stack.append(hooks)
+        return enter
+
+    def _exit(self, module, args, output) -> None:
+        self._stack.pop().__exit__(None, None, None)
+
+    def _pack(self, tensor: torch.Tensor, mode: str):
+        if (not tensor.is_floating_point() or tensor.dtype in FP8_MAX or tensor.numel() < self.min_numel
+                or isinstance(tensor, torch.nn.Parameter) or (tensor.is_leaf and tensor.requires_grad)):
+            return tensor
+        seen = self._packed.get(tensor)
+        if seen is not None and seen[0] == tensor._version:
+            return seen[1]
+        packed = _pack_tensorwise(tensor) if mode == "tensor" else _pack_groupwise(tensor, self.group_size)
+        self._packed[tensor] = (tensor._version, packed)
+        self.packed_bytes += packed.nbytes
+        self.original_bytes += tensor.nbytes
+        return packed
+
+    def reset_stats(self) -> None:
+        """Zero ``packed_bytes`` and ``original_bytes``."""
+        self.packed_bytes = self.original_bytes = 0
+
+    def remove(self) -> None:
+        """Uninstall the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _unpack_saved(saved):
+    return _unpack(saved) if isinstance(saved, _Packed) else saved
+
+
+def compress_activations(
+    model: torch.nn.Module,
+    select: Callable[[str, torch.nn.Module], str | None] = default_selection,
+    *,
+    group_size: int = 16,
+    min_numel: int = 1024,
+) -> ActivationCompressor:
+    """Store the activations saved by ``model``'s chosen modules in FP8 E4M3 until backward.
+
+    Args:
+        model: any ``nn.Module`` (an HF model, a patched MoE model, a plain block).
+        select: ``(qualified name, module) -> "tensor" | "group" | None``; see :func:`default_selection`.
+        group_size: values per scale for ``"group"`` modules (COAT: 16).
+        min_numel: tensors with fewer elements are saved as they are.
+
+    Returns the :class:`ActivationCompressor`; call ``.remove()`` to stop compressing.
+    """
+    return ActivationCompressor(model, select, group_size, min_numel)

@@ -1,0 +1,82 @@
+"""FP8 activation compression: gradients vs uncompressed (SQNR), memory, what is left alone, hook hygiene."""
+
+import pytest
+import torch
+import transformers
+
+import moeplug
+from moeplug.fp8 import compress_activations
+from moeplug.tiny import tiny_model
+
+
+def _tiny_llama():
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    return (10 * torch.log10(reference.pow(2).sum() / (approx - reference).pow(2).sum())).item()
+
+
+@pytest.mark.parametrize("make_model", [
+    _tiny_llama,
+    lambda: tiny_model("mixtral").train(),
+    lambda: (lambda m: (moeplug.patch_model(m), m)[1])(tiny_model("mixtral").train()),
+], ids=["llama", "mixtral", "mixtral-patched"])
+def test_gradients_keep_20db_sqnr_and_activations_shrink(make_model):
+    model = make_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 100), generator=torch.Generator().manual_seed(0))
+    reference = _grads(model, ids)
+    compressor = compress_activations(model)
+    compressed = _grads(model, ids)
+    compressor.remove()
+    assert reference.keys() == compressed.keys()
+    worst = min(_sqnr_db(reference[name], compressed[name]) for name in reference)
+    # Measured worst parameter (the issue asks for >= 20 dB): Llama 24.2 dB, Mixtral plain and patched
+    # 22.4-22.6 dB; compressed activations are 0.27x of what they replace.
+    assert worst >= 20.0, worst
+    assert compressor.original_bytes > 0
+    assert compressor.packed_bytes <= 0.30 * compressor.original_bytes
+
+
+def test_leaves_integer_tensors_parameters_and_small_tensors_alone():
+    embedding = torch.nn.Embedding(100, 64)  # saves int64 indices and its weight (a parameter)
+    compressor = compress_activations(embedding, lambda name, module: "group")
+    embedding(torch.randint(0, 100, (4, 50))).sum().backward()
+    assert compressor.packed_bytes == 0
+
+    linear = torch.nn.Linear(8, 8)  # a 4x8 input is under min_numel
+    compressor = compress_activations(linear, lambda name, module: "tensor", min_numel=64)
+    linear(torch.randn(4, 8)).sum().backward()
+    assert compressor.packed_bytes == 0
+    linear(torch.randn(16, 8)).sum().backward()
+    assert compressor.packed_bytes == 16 * 8 + 4  # E4M3 codes plus one fp32 scale
+
+
+def test_hooks_are_popped_after_errors_and_removed_on_request():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU())
+    compressor = compress_activations(model)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(3, 65))  # shape error inside a hooked module
+    x = torch.randn(32, 64, requires_grad=True)
+    (x * 2).exp().sum().backward()  # exp saves 2048 values outside any hooked module: must stay plain
+    assert compressor.packed_bytes == 0
+    model(x).sum().backward()
+    assert compressor.packed_bytes > 0
+    compressor.remove()
+    compressor.reset_stats()
+    model(x).sum().backward()
+    assert compressor.packed_bytes == 0
+
+
+def test_bad_selection_value_is_named():
+    with pytest.raises(ValueError, match="'fp8'"):
+        compress_activations(torch.nn.Linear(2, 2), lambda name, module: "fp8")
