@@ -214,10 +214,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for CI")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    # One thread by default: on these shared 2-core machines, 2 OpenMP threads made torch._grouped_mm 4-8x
+    # slower than 1 (barrier waits on a preempted thread), which distorts ratios between implementations.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see comment)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the GPU report compiles the kernels for sm_80/sm_90a")
+    torch.set_num_threads(args.threads)
     print("No GPU was lent: there is NO GPU timing. GPU rows are compile-time resource use and roofline bounds.")
     gpu = gpu_static_report()
     for r in gpu.get("kernels", []):

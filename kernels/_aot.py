@@ -56,7 +56,8 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
         src.write_text(ptx)
         gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
         # The flags Triton passes (triton/backends/nvidia/compiler.py), so the numbers are the real build's.
-        cmd = [str(_ptxas(arch)), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", str(src), "-o", str(src) + ".o"]
+        cmd = [str(_ptxas(arch)), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", str(src)]
+        cmd += ["-o", str(src) + ".o"]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -134,7 +135,8 @@ def main(argv: list[str]) -> int:
     for case in discover_cases():
         for arch in ARCHS:
             report = check_case(case, arch)
-            reports.append({"module": case["module"], "expect_wgmma_sm90": case.get("expect_wgmma_sm90", False), **report})
+            expect_wgmma = case.get("expect_wgmma_sm90", False)
+            reports.append({"module": case["module"], "expect_wgmma_sm90": expect_wgmma, **report})
     if "--json" in argv:
         print(json.dumps({"reports": reports}))
     else:

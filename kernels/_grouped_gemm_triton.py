@@ -156,23 +156,24 @@ def weight_grad(x, dy, offsets, x_index=None, dy_index=None, gates=None, transpo
 # (unit stride along K in the forward, along N in the input gradient, which reads it untransposed).
 _BF16, _I64, _I32 = "*bf16", "*i64", "*i32"
 _S2S_SIGNATURE = dict(
-    X=_BF16, W=_BF16, Y=_BF16, GATES=_BF16, IN_INDEX=_I64, OUT_INDEX=_I64,
-    BLOCK_EXPERT=_I32, BLOCK_START=_I32, EXPERT_ENDS=_I64, K="i32", N="i32", stride_xm="i32", stride_we="i32",
+    X=_BF16, W=_BF16, Y=_BF16, GATES=_BF16, IN_INDEX=_I64, OUT_INDEX=_I64, BLOCK_EXPERT=_I32, BLOCK_START=_I32,
+    EXPERT_ENDS=_I64, K="i32", N="i32", stride_xm="i32", stride_we="i32", stride_ym="i32",
 )  # fmt: skip
+_FIXED = dict(UPCAST=False, INPUT_PRECISION="ieee")
 AOT_CASES = [
     case
     for arch in ("sm90", "sm80")
     for case in (
         aot_case(
-            f"grouped_mm_forward/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wn": "i32", "stride_ym": "i32"},
+            f"grouped_mm_forward/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wn": "i32"},
             dict(stride_xk=1, stride_wk=1, stride_yn=1, HAS_IN_INDEX=True, HAS_OUT_INDEX=True, HAS_GATES=True,
-                 UPCAST=False, INPUT_PRECISION="ieee"),
+                 **_FIXED),
             FORWARD_CONFIGS[arch], expect_wgmma_sm90=arch == "sm90",
         ),
         aot_case(
-            f"grouped_mm_grad_input/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wk": "i32", "stride_ym": "i32"},
+            f"grouped_mm_grad_input/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wk": "i32"},
             dict(stride_xk=1, stride_wn=1, stride_yn=1, HAS_IN_INDEX=True, HAS_OUT_INDEX=False, HAS_GATES=False,
-                 UPCAST=False, INPUT_PRECISION="ieee"),
+                 **_FIXED),
             FORWARD_CONFIGS[arch], expect_wgmma_sm90=arch == "sm90",
         ),
         aot_case(
@@ -180,7 +181,7 @@ AOT_CASES = [
             dict(X=_BF16, DY=_BF16, DW=_BF16, GATES=_BF16, X_INDEX=_I64, DY_INDEX=_I64, EXPERT_ENDS=_I64,
                  K="i32", N="i32", stride_xm="i32", stride_dym="i32", stride_we="i32", stride_wn="i32"),
             dict(stride_xk=1, stride_dyn=1, stride_wk=1, HAS_X_INDEX=True, HAS_DY_INDEX=True, HAS_GATES=True,
-                 UPCAST=False, INPUT_PRECISION="ieee"),
+                 **_FIXED),
             WEIGHT_GRAD_CONFIGS[arch], expect_wgmma_sm90=arch == "sm90",
         ),
     )

@@ -58,7 +58,8 @@ def _shrink(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        x_mask = row_mask[:, None] & k_mask[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + ks[None, :] * stride_xk, mask=x_mask, other=0.0)
         tile_mask = k_mask[:, None] & j_mask[None, :]
         slots = tl.load(table_row[None, :] + (ks // SLOT_WIDTH)[:, None], mask=tile_mask, other=0)
         a_t = tl.load(POOL + slots.to(tl.int64) * stride_pool + (ks % SLOT_WIDTH)[:, None], mask=tile_mask, other=0.0)
@@ -91,7 +92,8 @@ def _expand(
     for j0 in range(0, rank, BLOCK_R):
         js = j0 + tl.arange(0, BLOCK_R)
         j_mask = js < rank
-        v = tl.load(V + rows[:, None] * stride_vm + js[None, :] * stride_vr, mask=row_mask[:, None] & j_mask[None, :], other=0.0)
+        v_mask = row_mask[:, None] & j_mask[None, :]
+        v = tl.load(V + rows[:, None] * stride_vm + js[None, :] * stride_vr, mask=v_mask, other=0.0)
         tile_mask = j_mask[:, None] & col_mask[None, :]
         slots = tl.load(table_row[None, :] + (js * CHUNKS)[:, None], mask=tile_mask, other=0)
         b_t = tl.load(POOL + slots.to(tl.int64) * stride_pool + (cols % SLOT_WIDTH)[None, :], mask=tile_mask, other=0.0)

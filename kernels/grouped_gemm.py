@@ -83,11 +83,16 @@ def _validate(x, weight, offsets, gather_index, scatter_index, gates) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reference
-def _gmm_layout_ok(*tensors: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` needs every non-unit stride to be a multiple of 16 bytes."""
-    return all(
-        s % (16 // t.element_size()) == 0 for t in tensors for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1
-    )
+def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm(a, b, offs)`` accepts these operands.
+
+    Only the CPU build is used: on GPUs its dtype/architecture support varies and the Triton kernels run
+    there anyway. It needs every non-unit stride of both operands and of its ``[..., N]`` output to be a
+    multiple of 16 bytes (e.g. K = 33 in fp32 is not).
+    """
+    align = 16 // a.element_size()
+    strides = (s for t in (a, b) for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1)
+    return a.device.type == "cpu" and b.shape[-1] % align == 0 and all(s % align == 0 for s in strides)
 
 
 def _expert_slices(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -99,15 +104,14 @@ def _expert_slices(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
 def reference_forward(x, weight, offsets, gather_index=None, scatter_index=None, gates=None) -> torch.Tensor:
     """Plain-torch :func:`grouped_mm` forward (no validation, no autograd); the production CPU path.
 
-    Uses ``torch._grouped_mm`` (one call for all experts) when the strides allow it, else a loop over the
-    experts that have rows (shapes such as K = 33 that are not 16-byte aligned).
+    Uses ``torch._grouped_mm`` (one call for all experts) where it applies, else a loop over the experts
+    that have rows.
     """
     x_g = x if gather_index is None else x.index_select(0, gather_index)
-    n = weight.shape[2]
-    if _gmm_layout_ok(x_g, weight) and n % (16 // x.element_size()) == 0:
+    if _grouped_mm_ok(x_g, weight):
         y = torch._grouped_mm(x_g, weight, offsets.to(torch.int32))
     else:
-        y = x_g.new_zeros(x_g.shape[0], n)
+        y = x_g.new_zeros(x_g.shape[0], weight.shape[2])
         for e, start, end in _expert_slices(offsets):
             torch.mm(x_g[start:end], weight[e], out=y[start:end])
     if gates is not None:
@@ -128,7 +132,7 @@ def reference_weight_grad(x, dy, offsets, x_index=None, dy_index=None, gates=Non
     if gates is not None:
         dz = dz * gates.unsqueeze(1)
     a, b = (dz.t(), x_g) if transposed else (x_g.t(), dz)
-    if _gmm_layout_ok(a, b) and a.shape[0] % (16 // a.element_size()) == 0 and b.shape[1] % (16 // b.element_size()) == 0:
+    if _grouped_mm_ok(a, b):
         dw = torch._grouped_mm(a, b, offsets.to(torch.int32))
     else:
         dw = a.new_zeros(offsets.shape[0], a.shape[0], b.shape[1])

@@ -87,16 +87,19 @@ def _validate(x, pool, table, ranks, row_adapter, table_name: str) -> None:
     int_types = (torch.int32, torch.int64)
     if table.dim() != 2 or table.dtype not in int_types or table.shape[1] % chunks != 0:
         raise ValueError(
-            f"{table_name} must be int32/int64 [num_adapters, max_rank * {chunks}] (ceil({x.shape[1]} / D={pool.shape[1]}) "
-            f"slots per rank-row), got {tuple(table.shape)} {table.dtype}"
+            f"{table_name} must be int32/int64 [num_adapters, max_rank * {chunks}] "
+            f"(ceil({x.shape[1]} / D={pool.shape[1]}) slots per rank-row), got {tuple(table.shape)} {table.dtype}"
         )
     if ranks.shape != (table.shape[0],) or ranks.dtype not in int_types:
         raise ValueError(f"ranks must be int [{table.shape[0]}], got {tuple(ranks.shape)} {ranks.dtype}")
     if row_adapter.shape != (x.shape[0],) or row_adapter.dtype not in int_types:
-        raise ValueError(f"row_adapter must be int [{x.shape[0]}], got {tuple(row_adapter.shape)} {row_adapter.dtype}")
+        raise ValueError(
+            f"row_adapter must be int [{x.shape[0]}], got {tuple(row_adapter.shape)} {row_adapter.dtype}"
+        )
     # Value checks read the tensors, which would synchronise a GPU stream: CPU tensors only.
-    if ranks.device.type == "cpu" and ranks.numel() and not bool(((ranks >= 0) & (ranks <= table.shape[1] // chunks)).all()):
-        raise ValueError(f"ranks must lie in [0, {table.shape[1] // chunks}] (the table's max rank), got {ranks.tolist()}")
+    max_rank = table.shape[1] // chunks
+    if ranks.device.type == "cpu" and not bool(((ranks >= 0) & (ranks <= max_rank)).all()):
+        raise ValueError(f"ranks must lie in [0, {max_rank}] (the table's max rank), got {ranks.tolist()}")
     if row_adapter.device.type == "cpu" and row_adapter.numel():
         lo, hi = int(row_adapter.min()), int(row_adapter.max())
         if lo < -1 or hi >= table.shape[0]:

@@ -141,3 +141,16 @@ def test_bad_input_names_value_and_expectation():
         grouped_mm(x, w_hf.transpose(1, 2), offsets, gather_index=gather.int())
     with pytest.raises(ValueError, match=r"weight must be \[E, K=32, N\]"):
         grouped_mm(x, w_hf, offsets, gather_index=gather)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_rows_at_all(backend):
+    """Every expert empty (e.g. a rank that received no tokens): empty output, zero gradients."""
+    x = torch.randn(3, 32, requires_grad=True)
+    weight = torch.randn(4, 32, 48, requires_grad=True)
+    none = torch.zeros(0, dtype=torch.int64)
+    with use_backend(backend):
+        out = grouped_mm(x, weight, torch.zeros(4, dtype=torch.int64), gather_index=none, scatter_index=none)
+        out.sum().backward()
+    assert out.shape == (0, 48)
+    assert not x.grad.any() and not weight.grad.any()
