@@ -56,7 +56,11 @@ class StepCounts:
         self.counts += packed[:-1]
         self.tokens += float(packed[-1])
         self.micro_batches += 1
-        return self.counts.to(counts.device, torch.float32), self.tokens
+        return self.running(counts.device)
+
+    def running(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        """The step's counts so far (as stored: global if synced) on `device`, and their tokens."""
+        return self.counts.to(device, torch.float32), self.tokens
 
     def totals(self) -> tuple[torch.Tensor, float]:
         """The step's (counts [E], tokens) summed over ranks (all-reduces once if not yet synced).

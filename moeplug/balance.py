@@ -145,9 +145,19 @@ def track_step(step_counts: StepCounts | None, selected: torch.Tensor, num_exper
                 "balance='global' needs to know where optimizer steps end: create "
                 "moeplug.BalanceController(model, optimizer) (or use the Trainer callback) before training")
         return None
-    tokens = selected.shape[0] if token_mask is None else token_mask.sum()
-    running = step_counts.add(expert_counts(selected, num_experts, token_mask), tokens, sync=balance == "global")
+    if _recomputing_in_backward():
+        # Activation checkpointing runs this forward again during backward: the micro-batch is
+        # already counted, and the recomputed loss must see the same running totals as before.
+        running = step_counts.running(selected.device)
+    else:
+        tokens = selected.shape[0] if token_mask is None else token_mask.sum()
+        running = step_counts.add(expert_counts(selected, num_experts, token_mask), tokens, sync=balance == "global")
     return running if balance == "global" else None
+
+
+def _recomputing_in_backward() -> bool:
+    """True while autograd's engine runs a backward pass (where checkpointing recomputes forwards)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def auxiliary_losses(

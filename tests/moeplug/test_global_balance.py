@@ -120,3 +120,20 @@ def test_patched_global_balance_matches_micro_on_one_batch():
         BalanceController(model)
         losses[balance] = model(ids, labels=ids).loss
     assert torch.equal(losses["micro"], losses["global"])
+
+
+def test_checkpoint_recompute_is_not_counted_twice():
+    from torch.utils.checkpoint import checkpoint
+
+    plain, ckpt = _layer("global"), _layer("global")
+    controllers = [BalanceController(plain), BalanceController(ckpt)]
+    x = torch.randn(2, 9, HIDDEN)
+    for micro_batch in (x, x + 1):
+        (plain(micro_batch).sum() + plain.aux_loss).backward()
+        out = checkpoint(ckpt, micro_batch, use_reentrant=False)
+        (out.sum() + ckpt.aux_loss).backward()
+    for controller in controllers:
+        controller.step()
+    torch.testing.assert_close(controllers[1].last_step_counts[""], controllers[0].last_step_counts[""])
+    assert controllers[0].last_step_counts[""].sum() == 2 * 18 * 2
+    torch.testing.assert_close(ckpt.router.weight.grad, plain.router.weight.grad)
