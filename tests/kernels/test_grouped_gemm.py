@@ -7,7 +7,13 @@ from kernels import grouped_mm, use_backend
 
 # fp32: both sides accumulate in fp32 in a different order. fp16: both accumulate in fp32 and round the
 # result (values ~1) to fp16, whose spacing near 1 is 1e-3; a few roundings apart is within 1e-2.
-TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+# bf16 keeps 8 bits of mantissa (spacing 0.03 near 4). The interpreter's bf16 tl.dot is wrong (DESIGN.md),
+# so the kernels upcast bf16 tiles there; the bf16 cases check that workaround.
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=5e-2, rtol=2e-2),
+}
 SHAPES = [(1, 33, 100), (7, 33, 100), (100, 64, 48)]  # (tokens, K, N): K, N not multiples of any block
 MODES = ["grouped", "gather", "gather_scatter_gates"]
 
@@ -59,7 +65,7 @@ def test_reference_matches_per_row_oracle(shape, mode, layout):
     torch.testing.assert_close(out, per_row_oracle(x_in, weight, offsets, **kwargs), **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_matches_reference(shape, mode, dtype):
