@@ -45,6 +45,9 @@ class MoEConfig:
             `patch_model`: keep transformers' own loss, which pools all layers' experts by index).
         aux_loss_coef: coefficient of the load-balancing loss; None takes the model's own.
         z_loss_coef: coefficient of the router z-loss (ST-MoE); 0 disables it.
+    Parallelism:
+        ep_size: shard the experts over this many ranks (expert parallelism, see
+            `moeplug.dispatch`); 1 keeps every expert on every rank.
     """
 
     num_experts: int = 8
@@ -65,9 +68,11 @@ class MoEConfig:
     balance: str = "micro"
     aux_loss_coef: float | None = 0.01
     z_loss_coef: float = 0.0
+    ep_size: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("num_experts", "top_k", "hidden_size", "intermediate_size", "num_groups", "topk_groups"):
+        for name in ("num_experts", "top_k", "hidden_size", "intermediate_size", "num_groups", "topk_groups",
+                     "ep_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -88,6 +93,8 @@ class MoEConfig:
                 f"top_k={self.top_k} exceeds the {self.topk_groups} eligible groups x "
                 f"{self.num_experts // self.num_groups} experts per group"
             )
+        if self.num_experts % self.ep_size:
+            raise ValueError(f"ep_size={self.ep_size} must divide num_experts={self.num_experts}")
         if self.capacity_factor is not None and not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
             raise ValueError(f"capacity_factor={self.capacity_factor!r} must be a positive number or None")
         if not 0 <= self.jitter < 1:

@@ -15,6 +15,8 @@ from torch import nn
 
 from kernels import grouped_mm
 
+from .dispatch import ExpertParallel, expert_parallel_forward
+
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": nn.functional.silu,
     "gelu": nn.functional.gelu,
@@ -81,7 +83,45 @@ def routed_experts_forward(
     if not (fuse_epilogue and all_kept):
         # Dropped slots contribute nothing: place kept rows back in (token, choice) order.
         out = out.new_zeros(tokens * top_k, out.shape[-1]).index_copy(0, order, out)
-    return out.view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+    return out.view(tokens, top_k, w_out.shape[-1]).sum(dim=1).to(hidden.dtype)
+
+
+def run_experts(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    in_bias: torch.Tensor | None = None,
+    out_bias: torch.Tensor | None = None,
+    post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ep: ExpertParallel | None = None,
+) -> torch.Tensor:
+    """`routed_experts_forward` on all experts, or across ranks when `ep` shards them.
+
+    With `ep`, the weights and biases hold only this rank's experts (local ids 0..E/P-1) while
+    `top_k_index` holds global ids.
+    """
+    if ep is None or ep.ep_size == 1:
+        return routed_experts_forward(hidden, top_k_index, top_k_weights, w_in, w_out, activation,
+                                      in_bias, out_bias, post_norm)
+
+    def local(rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        ones = rows.new_ones(rows.shape[0], 1)
+        return routed_experts_forward(rows, local_ids.unsqueeze(1), ones, w_in, w_out, activation,
+                                      in_bias, out_bias, post_norm)
+
+    return expert_parallel_forward(hidden, top_k_index, top_k_weights, local, ep)
+
+
+def shard_experts_(module: nn.Module, ep: ExpertParallel, names: tuple[str, ...]) -> None:
+    """Keep only this rank's experts in each [E, ...] parameter `names` of `module`, in place."""
+    keep = slice(ep.local_experts.start, ep.local_experts.stop)
+    for name in names:
+        param = getattr(module, name, None)
+        if param is not None:
+            setattr(module, name, nn.Parameter(param.data[keep].clone(), requires_grad=param.requires_grad))
 
 
 def swiglu(activation: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -99,11 +139,13 @@ class GroupedExperts(nn.Module):
 
     gate_up_proj: [E, 2I, H] (gate rows first, then up rows); down_proj: [E, H, I].
     The same layout as transformers' Mixtral/Qwen experts, so weights copy over unchanged.
+    After `shard_(ep)` only this rank's E/P experts remain and tokens travel by all-to-all.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "silu"):
         super().__init__()
         self.num_experts = num_experts
+        self.ep: ExpertParallel | None = None
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.activation = swiglu(ACT_FNS[activation])
@@ -117,7 +159,10 @@ class GroupedExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """[T, H] tokens, [T, k] experts and gate weights -> [T, H]."""
-        return routed_experts_forward(
-            hidden, top_k_index, top_k_weights,
-            self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2), self.activation,
-        )
+        return run_experts(hidden, top_k_index, top_k_weights, self.gate_up_proj.transpose(1, 2),
+                           self.down_proj.transpose(1, 2), self.activation, ep=self.ep)
+
+    def shard_(self, ep: ExpertParallel) -> None:
+        """Keep only this rank's experts (the same init on every rank gives the EP=1 weights)."""
+        shard_experts_(self, ep, ("gate_up_proj", "down_proj"))
+        self.ep = ep

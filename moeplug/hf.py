@@ -23,7 +23,8 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .balance import RouterStats, auxiliary_losses, track_step
 from .config import MoEConfig
-from .experts import routed_experts_forward
+from .dispatch import expert_parallel
+from .experts import run_experts, shard_experts_
 from .router import apply_capacity, check_logits
 
 EXPERTS_IMPLEMENTATION = "moeplug"
@@ -31,7 +32,8 @@ EXPERTS_IMPLEMENTATION = "moeplug"
 SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 # Router score functions that differ from softmax (used for balancing-loss probabilities).
 _SIGMOID_FAMILIES = ("deepseek_v3",)
-PATCH_OPTIONS = ("capacity_factor", "drop_policy", "balance", "aux_loss_coef", "z_loss_coef")
+PATCH_OPTIONS = ("capacity_factor", "drop_policy", "balance", "aux_loss_coef", "z_loss_coef", "ep_size")
+_EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias")
 
 
 def _hf_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -44,10 +46,11 @@ def _hf_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_inde
     w_out, out_bias = self.down_proj, getattr(self, "down_proj_bias", None)
     if not self.is_transposed:  # stored as [E, out, in]; the GEMM wants (in, out) per expert
         w_in, w_out = w_in.transpose(1, 2), w_out.transpose(1, 2)
-    return routed_experts_forward(
+    return run_experts(
         hidden_states, top_k_index, top_k_weights, w_in, w_out, activation,
         in_bias if self.has_bias else None, out_bias if self.has_bias else None,
         self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None,
+        getattr(self, "moeplug_ep", None),
     )
 
 
@@ -154,7 +157,7 @@ def _make_config(model: nn.Module, options: dict) -> MoEConfig:
     unknown = sorted(set(options) - set(PATCH_OPTIONS))
     if unknown:
         raise TypeError(f"unknown patch_model option(s) {unknown}; supported: {list(PATCH_OPTIONS)}")
-    options = {"balance": "hf", **options}
+    options = {"balance": "hf", **options, "ep_size": 1}  # ep_size is checked per experts module
     if options.get("aux_loss_coef") is None:
         options["aux_loss_coef"] = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
     # Width-free validation: the per-model sizes do not matter for these options.
@@ -198,7 +201,8 @@ def patch_model(model: nn.Module, **options) -> PatchReport:
     `capacity_factor`, `drop_policy`, `balance` ("hf" default, "micro", "sequence", "global", "none"),
     `aux_loss_coef` (default: the model's `router_aux_loss_coef`), `z_loss_coef`.
     Any balance other than "hf" replaces transformers' pooled loss by per-layer losses, added to
-    `output.loss` and reported in `output.aux_loss`.
+    `output.loss` and reported in `output.aux_loss`. `ep_size` > 1 shards every experts module over
+    that many ranks (torch.distributed must be initialised; see `moeplug.dispatch`).
 
     Raises:
         ValueError: for an unsupported model family or a bad option value; TypeError for an
@@ -212,19 +216,27 @@ def patch_model(model: nn.Module, **options) -> PatchReport:
     config = _make_config(model, options)
     state = _PatchState(config, "sigmoid" if family in _SIGMOID_FAMILIES else "softmax", family=family)
     experts = [name for name, module in model.named_modules() if _is_experts(module)]
-    for name, module in model.named_modules():
-        if _is_router(module):
-            module.__class__ = _patched_router_class(type(module))
-            module._moeplug = state
-            module.moeplug_aux_loss = None
-            module.moeplug_stats = None
-            module.moeplug_step_counts = None
-            if not hasattr(module, "e_score_correction_bias"):
-                # Non-persistent: transformers checkpoints have no slot for it (see BalanceController.state_dict).
-                module.register_buffer("moeplug_selection_bias", torch.zeros(module.num_experts), persistent=False)
-            state.routers[name] = module
-    if not state.routers or not experts:
+    routers = {name: module for name, module in model.named_modules() if _is_router(module)}
+    if not routers or not experts:
         raise ValueError(f"found no MoE routers/experts in this {family} model; nothing to patch")
+    # Validate (and build process groups) before changing anything, so a bad ep_size leaves the model intact.
+    layouts = {name: expert_parallel(options.get("ep_size", 1), model.get_submodule(name).num_experts)
+               for name in experts}
+    for name, module in routers.items():
+        module.__class__ = _patched_router_class(type(module))
+        module._moeplug = state
+        module.moeplug_aux_loss = None
+        module.moeplug_stats = None
+        module.moeplug_step_counts = None
+        if not hasattr(module, "e_score_correction_bias"):
+            # Non-persistent: transformers checkpoints have no slot for it (see BalanceController.state_dict).
+            module.register_buffer("moeplug_selection_bias", torch.zeros(module.num_experts), persistent=False)
+    state.routers = routers
+    for name, layout in layouts.items():
+        if layout.ep_size > 1:
+            module = model.get_submodule(name)
+            module.moeplug_ep = layout
+            shard_experts_(module, layout, _EXPERT_PARAMS)
     state.previous_experts_implementation = model.config._experts_implementation
     model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     if config.balance != "hf" and hasattr(model, "router_aux_loss_coef"):
@@ -244,6 +256,9 @@ def unpatch_model(model: nn.Module) -> None:
     state = getattr(model, "_moeplug", None)
     if state is None:
         raise RuntimeError("model is not patched by moeplug")
+    if any(getattr(m, "moeplug_ep", None) is not None for m in model.modules()):
+        raise RuntimeError("an expert-parallel model holds only its own experts and cannot return to "
+                           "transformers' implementation in place; save it and load the full checkpoint instead")
     for router in state.routers.values():
         router.__class__ = router._moeplug_base
         del router._moeplug, router.moeplug_aux_loss, router.moeplug_stats, router.moeplug_step_counts

@@ -12,6 +12,7 @@ from torch import nn
 from .accounting import StepCounts
 from .balance import RouterStats, auxiliary_losses, track_step
 from .config import MoEConfig
+from .dispatch import expert_parallel
 from .experts import ACT_FNS, GroupedExperts
 from .router import route
 
@@ -49,6 +50,8 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.intermediate_size,
                                       config.activation)
+        if config.ep_size > 1:
+            self.experts.shard_(expert_parallel(config.ep_size, config.num_experts))
         self.shared_expert = None
         self.shared_expert_gate = None
         if config.shared_intermediate_size:

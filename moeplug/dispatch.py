@@ -1,0 +1,127 @@
+"""Expert parallelism: experts sharded over ranks, tokens moved with uneven all-to-alls.
+
+Each rank of an expert-parallel (EP) group of size P holds E/P experts (rank r owns the contiguous
+block [r*E/P, (r+1)*E/P)). A rank routes its own tokens, sends each (token, choice) row to the rank
+owning the chosen expert, runs its local experts on what it receives, and sends the results back,
+where the gate weights are applied and the k choices summed. Both all-to-alls use
+`all_to_all_single` with per-rank split sizes (the list form fails with uneven sizes under gloo)
+and are differentiable, so backward runs the mirror-image exchange.
+
+Ranks are laid out EP-major: world rank w is EP rank w % P of EP group w // P. Ranks with the same
+EP rank in different groups hold the same experts and form an expert-data-parallel group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+
+@dataclass
+class ExpertParallel:
+    """An expert-parallel layout: which experts this rank holds and whom it talks to."""
+
+    ep_size: int
+    ep_rank: int
+    num_experts: int
+    group: object = None  # the EP process group (None: the default group when ep_size == world)
+    expert_dp_group: object = None  # ranks holding the same experts (None when there is one EP group)
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.ep_size
+
+    @property
+    def local_experts(self) -> range:
+        """Global ids of the experts this rank holds."""
+        return range(self.ep_rank * self.experts_per_rank, (self.ep_rank + 1) * self.experts_per_rank)
+
+    def owner(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """EP rank holding each expert id; ids >= num_experts (dropped slots) map to ep_size."""
+        return torch.where(expert_ids < self.num_experts, expert_ids // self.experts_per_rank, self.ep_size)
+
+
+_groups: dict[tuple[int, int], tuple] = {}
+
+
+def expert_parallel(ep_size: int, num_experts: int) -> ExpertParallel:
+    """The `ExpertParallel` layout of this rank for `ep_size`, creating process groups once.
+
+    Must be called on every rank (group creation is collective). Raises ValueError when torch
+    distributed is not initialised or `ep_size` divides neither the world size nor the experts.
+    """
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size={ep_size!r} must be a positive integer")
+    if num_experts % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide the number of experts ({num_experts})")
+    if ep_size == 1:
+        return ExpertParallel(1, 0, num_experts)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"ep_size={ep_size} needs torch.distributed initialised (torchrun, deepspeed or "
+                         "accelerate launch), with at least ep_size processes")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide the world size ({world})")
+    key = (world, ep_size)
+    if key not in _groups:
+        ep_groups = [dist.new_group(list(range(g * ep_size, (g + 1) * ep_size))) for g in range(world // ep_size)]
+        dp_groups = [dist.new_group(list(range(r, world, ep_size))) for r in range(ep_size)] if world > ep_size else None
+        _groups[key] = (ep_groups, dp_groups)
+    ep_groups, dp_groups = _groups[key]
+    return ExpertParallel(ep_size, rank % ep_size, num_experts, ep_groups[rank // ep_size],
+                          None if dp_groups is None else dp_groups[rank % ep_size])
+
+
+def _exchange_counts(send_counts: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=ep.group)
+    return recv_counts
+
+
+def _all_to_all(rows: torch.Tensor, recv: list[int], send: list[int], ep: ExpertParallel) -> torch.Tensor:
+    if rows.requires_grad:  # the functional collective is differentiable: backward swaps the splits
+        return funcol.all_to_all_single(rows.contiguous(), recv, send, ep.group)
+    out = rows.new_empty(sum(recv), *rows.shape[1:])
+    dist.all_to_all_single(out, rows.contiguous(), recv, send, group=ep.group)
+    return out
+
+
+def expert_parallel_forward(
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    local_experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ep: ExpertParallel,
+) -> torch.Tensor:
+    """Dispatch tokens to the ranks holding their experts, compute, combine.
+
+    Args:
+        hidden: [T, H] this rank's tokens. top_k_index / top_k_weights: [T, k] global expert ids
+            (>= E marks a dropped slot) and gate weights.
+        local_experts: maps received rows [R, H] and their local expert ids [R] to outputs [R, H]
+            (no gating); e.g. `routed_experts_forward` with top_k = 1 on this rank's weights.
+        ep: the layout from `expert_parallel`.
+    Returns:
+        [T, H], equal to running all experts locally.
+    """
+    tokens, top_k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    owner = ep.owner(flat)
+    # Sorting by global expert id groups slots by owner rank (contiguous blocks), dropped ones last.
+    order = flat.argsort(stable=True)
+    send_counts = torch.bincount(owner, minlength=ep.ep_size + 1)[: ep.ep_size]
+    order = order[: int(send_counts.sum())]
+    recv_counts = _exchange_counts(send_counts, ep)
+    send, recv = send_counts.tolist(), recv_counts.tolist()
+    local_ids = flat[order] - owner[order] * ep.experts_per_rank
+    recv_rows = _all_to_all(hidden.index_select(0, order // top_k), recv, send, ep)
+    recv_ids = _all_to_all(local_ids, recv, send, ep)
+    results = local_experts(recv_rows, recv_ids)
+    returned = _all_to_all(results, send, recv, ep)
+    gated = returned * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(returned.dtype)
+    out = gated.new_zeros(tokens * top_k, gated.shape[-1]).index_copy(0, order, gated)
+    return out.view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
