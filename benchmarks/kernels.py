@@ -49,7 +49,8 @@ LORA_SHAPES = {  # name: (rows, adapters in batch, hidden, ranks cycled over ada
 SMOKE_GROUPED = {"smoke": (32, 2, 4, 32, 48)}
 SMOKE_LORA = {"smoke": (16, 4, 64, (1, 8), False)}
 # Representative GPU problems for the roofline (bf16, 2 bytes/element): a Mixtral-8x7B w1 GEMM over 4096
-# tokens with top-2; a decode step of 256 rows over 64 rank-16 adapters at hidden 4096.
+# tokens with top-2 (the fused SwiGLU: w1 and w3 together, N = I); a decode step of 256 rows over 64
+# rank-16 adapters at hidden 4096.
 GPU_GEMM = dict(rows=8192, experts=8, k=4096, n=14336)
 GPU_LORA = dict(rows=256, adapters=64, rank=16, hidden=4096)
 
@@ -76,6 +77,7 @@ def _gpu_cost(kernel: str) -> tuple[float, float]:
     t, a, r, h = GPU_LORA["rows"], GPU_LORA["adapters"], GPU_LORA["rank"], GPU_LORA["hidden"]
     costs = {  # every operand read once from HBM and every result written once; indices are negligible
         "grouped_mm_forward": (2 * s * k * n, 2 * (s * k + e * k * n + s * n)),
+        "grouped_swiglu_forward": (2 * s * k * 2 * n, 2 * (s * k + e * k * 2 * n + s * n)),  # N = I, weight 2I wide
         "grouped_mm_grad_input": (2 * s * k * n, 2 * (s * n + e * k * n + s * k)),
         "grouped_mm_grad_weight": (2 * s * k * n, 2 * (s * k + s * n + e * k * n)),
         "lora_shrink": (2 * t * h * r, 2 * (t * h + a * r * h + t * r)),

@@ -5,7 +5,15 @@ see the README's note on the name clash.
 """
 
 from .backend import use_backend
+from .gated_mlp import grouped_gated_mlp, grouped_swiglu
 from .grouped_gemm import grouped_mm
 from .lora import lora_expand, lora_shrink
 
-__all__: list[str] = ["grouped_mm", "lora_expand", "lora_shrink", "use_backend"]
+__all__: list[str] = [
+    "grouped_gated_mlp",
+    "grouped_mm",
+    "grouped_swiglu",
+    "lora_expand",
+    "lora_shrink",
+    "use_backend",
+]

@@ -4,6 +4,8 @@
   columns; it reads its x rows through the gather index (no gathered copy of x), multiplies by the expert's
   weight of any strides, scales by the gates and writes grouped or through the scatter index. The input
   gradient reuses it with the transposed weight, reading the output gradient through the scatter index.
+  With SWIGLU it also multiplies by the weight's second half of columns and writes ``silu(gate) * up``,
+  so the ``[S, 2I]`` gate/up projection of a gated MLP never goes to memory.
 * ``_group_xty``: the weight gradient, one program per (expert, K tile, N tile) reducing over that
   expert's rows, again reading both operands through their indices.
 
@@ -25,6 +27,12 @@ FORWARD_CONFIGS = {
     "sm80": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=4),
     "interpreter": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=1),
 }
+# SwiGLU keeps two accumulators (gate and up) live, so the tile is half as wide to stay clear of spills.
+SWIGLU_CONFIGS = {
+    "sm90": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    "sm80": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=4),
+    "interpreter": FORWARD_CONFIGS["interpreter"],
+}
 WEIGHT_GRAD_CONFIGS = {
     "sm90": dict(BLOCK_M=64, BLOCK_K=128, BLOCK_N=128, num_warps=8, num_stages=3),
     "sm80": dict(BLOCK_M=32, BLOCK_K=128, BLOCK_N=128, num_warps=8, num_stages=4),
@@ -37,7 +45,7 @@ def _scatter2scatter(
     X, W, Y, GATES, IN_INDEX, OUT_INDEX, BLOCK_EXPERT, BLOCK_START, EXPERT_ENDS,
     K, N,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
-    HAS_IN_INDEX: tl.constexpr, HAS_OUT_INDEX: tl.constexpr, HAS_GATES: tl.constexpr,
+    HAS_IN_INDEX: tl.constexpr, HAS_OUT_INDEX: tl.constexpr, HAS_GATES: tl.constexpr, SWIGLU: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -52,14 +60,23 @@ def _scatter2scatter(
     x_ptrs = X + src[:, None] * stride_xm
     w_ptrs = W + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N) if SWIGLU else (1, 1), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
         x = tl.load(x_ptrs + ks[None, :] * stride_xk, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs + ks[:, None] * stride_wk, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        w = tl.load(w_ptrs + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
         if UPCAST:
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
+        if SWIGLU:  # the "up" half: columns N .. 2N-1 of the same weight
+            w_up = tl.load(w_ptrs + N * stride_wn + ks[:, None] * stride_wk, mask=w_mask, other=0.0)
+            if UPCAST:
+                w_up = w_up.to(tl.float32)
+            acc_up = tl.dot(x, w_up, acc_up, input_precision=INPUT_PRECISION)
+    if SWIGLU:
+        acc = acc * tl.sigmoid(acc) * acc_up
     if HAS_GATES:
         acc *= tl.load(GATES + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     dst = tl.load(OUT_INDEX + rows, mask=row_mask, other=0) if HAS_OUT_INDEX else rows.to(tl.int64)
@@ -107,12 +124,16 @@ def _group_xty(
     tl.store(dw_ptrs, acc.to(DW.dtype.element_ty), mask=k_mask[:, None] & col_mask[None, :])
 
 
-def forward(x, weight, offsets, gather_index=None, scatter_index=None, gates=None) -> torch.Tensor:
-    """Triton ``grouped_mm`` forward; same arguments and result as ``grouped_gemm.reference_forward``."""
+def forward(x, weight, offsets, gather_index=None, scatter_index=None, gates=None, swiglu=False) -> torch.Tensor:
+    """Triton ``grouped_mm`` forward; same arguments and result as ``grouped_gemm.reference_forward``.
+
+    ``swiglu=True``: ``weight`` is ``[E, K, 2I]`` (gate columns, then up columns) and the result is
+    ``silu(gate) * up``, ``[S, I]``, as ``gated_mlp.reference_swiglu``.
+    """
     num_rows = x.shape[0] if gather_index is None else gather_index.shape[0]
-    k, n = weight.shape[1], weight.shape[2]
+    k, n = weight.shape[1], weight.shape[2] // 2 if swiglu else weight.shape[2]
     y = x.new_empty(num_rows, n)
-    cfg = dict(launch_config(FORWARD_CONFIGS, x.device))
+    cfg = dict(launch_config(SWIGLU_CONFIGS if swiglu else FORWARD_CONFIGS, x.device))
     starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
     block_expert, block_start = block_schedule(starts, offsets, cfg["BLOCK_M"], num_rows)
     grid = (block_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
@@ -125,7 +146,7 @@ def forward(x, weight, offsets, gather_index=None, scatter_index=None, gates=Non
         k, n,
         x.stride(0), x.stride(1), *weight.stride(), y.stride(0), y.stride(1),
         HAS_IN_INDEX=gather_index is not None, HAS_OUT_INDEX=scatter_index is not None,
-        HAS_GATES=gates is not None, UPCAST=upcast_in_interpreter(x.dtype),
+        HAS_GATES=gates is not None, SWIGLU=swiglu, UPCAST=upcast_in_interpreter(x.dtype),
         INPUT_PRECISION=input_precision(x.dtype), **cfg,
     )  # fmt: skip
     return y
@@ -167,13 +188,19 @@ AOT_CASES = [
         aot_case(
             f"grouped_mm_forward/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wn": "i32"},
             dict(stride_xk=1, stride_wk=1, stride_yn=1, HAS_IN_INDEX=True, HAS_OUT_INDEX=True, HAS_GATES=True,
-                 **_FIXED),
+                 SWIGLU=False, **_FIXED),
             FORWARD_CONFIGS[arch], expect_wgmma_sm90=arch == "sm90",
+        ),
+        aot_case(
+            f"grouped_swiglu_forward/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wn": "i32"},
+            dict(stride_xk=1, stride_wk=1, stride_yn=1, HAS_IN_INDEX=True, HAS_OUT_INDEX=False, HAS_GATES=False,
+                 SWIGLU=True, **_FIXED),
+            SWIGLU_CONFIGS[arch], expect_wgmma_sm90=arch == "sm90",
         ),
         aot_case(
             f"grouped_mm_grad_input/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wk": "i32"},
             dict(stride_xk=1, stride_wn=1, stride_yn=1, HAS_IN_INDEX=True, HAS_OUT_INDEX=False, HAS_GATES=False,
-                 **_FIXED),
+                 SWIGLU=False, **_FIXED),
             FORWARD_CONFIGS[arch], expect_wgmma_sm90=arch == "sm90",
         ),
         aot_case(

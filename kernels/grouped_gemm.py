@@ -194,13 +194,22 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out):
-    x, weight, offsets, gather_index, scatter_index, gates = ctx.saved_tensors
     need_x, need_w, _, _, _, need_gates = ctx.needs_input_grad
+    grads = gemm_input_grads(*ctx.saved_tensors, grad_out, need_x, need_w, need_gates)
+    return grads[0], grads[1], None, None, None, grads[2]
+
+
+def gemm_input_grads(x, weight, offsets, gather_index, scatter_index, gates, grad_out, need_x, need_w, need_gates):
+    """Gradients of :func:`grouped_mm`'s output w.r.t. ``(x, weight, gates)``, ``None`` where not needed.
+
+    Runs on the same custom ops (so on the same backend, and traceable): the input gradient is the forward
+    kernel with the transposed weight reading ``grad_out`` through ``scatter_index``; the gate gradient
+    falls out of that product for free (``<dy, x W> = <dy Wᵀ, x>``); the weight gradient is groupXtY.
+    """
     # Autograd may hand over expanded (stride-0) gradients, e.g. from .sum(); the GEMMs want real strides.
     grad_out = grad_out.contiguous()
     grad_x = grad_w = grad_gates = None
     if need_x or need_gates:
-        # u = dy_g @ W_eᵀ, read straight from the scattered gradient: the forward kernel with Wᵀ.
         u = _grouped_mm_op(grad_out, weight.transpose(1, 2), offsets, scatter_index, None, None)
         if need_gates:
             x_g = x if gather_index is None else x.index_select(0, gather_index)
@@ -211,7 +220,7 @@ def _backward(ctx, grad_out):
     if need_w:
         transposed = weight.stride(1) == 1 and weight.stride(2) != 1
         grad_w = _weight_grad_op(x, grad_out, offsets, gather_index, scatter_index, gates, transposed)
-    return grad_x, grad_w, None, None, None, grad_gates
+    return grad_x, grad_w, grad_gates
 
 
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
