@@ -125,3 +125,60 @@ def expert_parallel_forward(
     gated = returned * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(returned.dtype)
     out = gated.new_zeros(tokens * top_k, gated.shape[-1]).index_copy(0, order, gated)
     return out.view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+
+
+def expert_parallel_parameters(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Parameter, ExpertParallel]]:
+    """Parameters holding only this rank's experts, with their layout, by name.
+
+    Give these names to DDP's ignore list: their gradients are reduced by `allreduce_gradients`
+    (over the expert-data-parallel group), not over all ranks.
+    """
+    found = {}
+    for module_name, module in model.named_modules():
+        ep = getattr(module, "ep", None) or getattr(module, "moeplug_ep", None)
+        if isinstance(ep, ExpertParallel) and ep.ep_size > 1:
+            for name, param in module.named_parameters(recurse=False):
+                found[f"{module_name}.{name}" if module_name else name] = (param, ep)
+    return found
+
+
+def _sum_and_scale(grads: list[torch.Tensor], group, scale: float) -> None:
+    """All-reduce a list of gradients as one flat buffer (one collective), then scale them."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if group is not None or dist.get_world_size() > 1:
+        dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def allreduce_gradients(model: torch.nn.Module) -> None:
+    """Average gradients for data + expert parallel training without DDP (call after backward).
+
+    The objective is the mean of every rank's loss. Replicated parameters: sum over all ranks,
+    divided by the world size. Expert shards already hold the contributions of their EP group's
+    tokens (through the all-to-all backward): sum over the expert-data-parallel group (ranks
+    holding the same experts), divided by the world size.
+    """
+    world = dist.get_world_size()
+    experts = {id(param): ep for param, ep in expert_parallel_parameters(model).values()}
+    replicated, by_group = [], {}
+    for param in model.parameters():
+        if param.grad is None:
+            continue
+        ep = experts.get(id(param))
+        if ep is None:
+            replicated.append(param.grad)
+        else:
+            by_group.setdefault(id(ep.expert_dp_group), (ep.expert_dp_group, []))[1].append(param.grad)
+    _sum_and_scale(replicated, None, 1.0 / world)
+    for group, grads in by_group.values():
+        if group is None:  # a single EP group spans the world: nothing to sum, only the mean's scale
+            for grad in grads:
+                grad.mul_(1.0 / world)
+        else:
+            _sum_and_scale(grads, group, 1.0 / world)

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import moeplug
 from moeplug import MoEConfig, MoELayer
+from moeplug.dispatch import allreduce_gradients
 from moeplug.tiny import tiny_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -62,11 +63,21 @@ def _worker(rank: int, world: int, port: int, case: str, ep_size: int, options: 
     try:
         if case == "layer":
             result = _layer_case(world, ep_size, dict(options))
+        elif case == "sync":
+            result = _sync_case(ep_size)
         else:
             result = _hf_case(ep_size)
         torch.save(result, f"{path}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _sync_case(ep_size: int) -> dict:
+    layer = _layer(ep_size)
+    x, grad = _rank_tokens(dist.get_rank())
+    layer(x).backward(grad)
+    allreduce_gradients(layer)
+    return {"grads": _grads(layer), "local_experts": tuple(layer.experts.ep.local_experts[i] for i in (0, -1))}
 
 
 def _hf_case(ep_size: int) -> dict:
@@ -117,6 +128,22 @@ def test_moe_layer_expert_parallel_matches_ep1(tmp_path, world, ep_size, options
         for name, g in expert_grads.items():
             torch.testing.assert_close(g, ref[name][local], atol=1e-4, rtol=0, msg=f"rank {rank} {name}")
         torch.testing.assert_close(result["grads"]["router.weight"], ref["router.weight"], atol=1e-4, rtol=0)
+
+
+def test_allreduce_gradients_gives_the_mean_objective(tmp_path):
+    """World 4 = 2 EP groups x 2: after the sync every rank holds grads of mean_r(loss_r)."""
+    world, ep_size = 4, 2
+    results = _spawn(world, "sync", ep_size, {}, tmp_path)
+    reference = _layer(1)
+    for rank in range(world):
+        x, grad = _rank_tokens(rank)
+        reference(x).backward(grad / world)
+    ref = _grads(reference)
+    for rank, result in enumerate(results):
+        first, last = result["local_experts"]
+        for name, g in result["grads"].items():
+            expected = ref[name][first: last + 1] if name.startswith("experts.") else ref[name]
+            torch.testing.assert_close(g, expected, atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
 
 
 def test_patched_hf_model_expert_parallel_matches_transformers(tmp_path):
