@@ -1,0 +1,83 @@
+"""EP checkpoints: EP=2 save -> EP=1 load and export -> plain transformers, same logits; atomic writes."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+
+import moeplug
+from moeplug.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
+from moeplug.tiny import tiny_model
+
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
+IDS = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+def _trained_weights(model) -> None:
+    """A deterministic change of every expert row, the same whether sharded or not."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".experts." in name:
+                param.mul_(1.5).add_(0.01)
+
+
+def _worker(rank: int, world: int, port: int, directory: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model("qwen2_moe")
+        moeplug.patch_model(model, ep_size=world)
+        _trained_weights(model)
+        save_checkpoint(model, f"{directory}/ckpt")
+        export_pretrained(model, f"{directory}/hf")
+        torch.save(model(IDS).logits.detach(), f"{directory}/logits.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ep2_checkpoint_loads_at_ep1_and_exports_to_transformers(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors", "moeplug.json",
+        "replicated.safetensors"]
+    reference = tiny_model("qwen2_moe")
+    _trained_weights(reference)
+    expected = reference(IDS).logits.detach()
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"logits.{rank}"), expected, atol=1e-5, rtol=0)
+
+    single = tiny_model("qwen2_moe", seed=99)  # different init: everything must come from the checkpoint
+    moeplug.patch_model(single)
+    load_checkpoint(single, tmp_path / "ckpt")
+    torch.testing.assert_close(single(IDS).logits, expected, atol=1e-5, rtol=0)
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    torch.testing.assert_close(plain(IDS).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_crash_during_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model("mixtral")
+    moeplug.patch_model(model)
+    save_checkpoint(model, tmp_path / "ckpt")
+    expected = model(IDS).logits.detach()
+    _trained_weights(model)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("moeplug.checkpoint.save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(model, tmp_path / "ckpt")
+    fresh = tiny_model("mixtral", seed=5)
+    moeplug.patch_model(fresh)
+    load_checkpoint(fresh, tmp_path / "ckpt")
+    torch.testing.assert_close(fresh(IDS).logits, expected, atol=0, rtol=0)
