@@ -13,8 +13,8 @@ No GPU was lent to this project, so NO GPU TIMING EXISTS. What this script repor
    * lora_shrink + lora_expand on a mixed-adapter batch read from the paged pool: vs gathering every
      row's A and B padded to the largest rank and two ``bmm`` calls.
 
-    .venv/bin/python benchmarks/kernels.py            # full CPU shapes (about a minute)
-    .venv/bin/python benchmarks/kernels.py --smoke    # tiny shapes, seconds (CI smoke)
+    .venv/bin/python benchmarks/kernel_ops.py            # full CPU shapes (about a minute)
+    .venv/bin/python benchmarks/kernel_ops.py --smoke    # tiny shapes, seconds (CI smoke)
 """
 
 from __future__ import annotations
@@ -25,17 +25,12 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
-# This script is named like the package it measures; running it puts its own folder first on sys.path,
-# where `import kernels` would find this file. Drop that entry so the package is imported.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from kernels import _aot, _grouped_gemm_triton, _lora_triton, grouped_mm, lora_expand, lora_shrink, use_backend  # noqa: E402
+from kernels import _aot, _grouped_gemm_triton, _lora_triton, grouped_mm, lora_expand, lora_shrink, use_backend
 
 H100_FLOPS, H100_BYTES_PER_S = 990e12, 3.35e12
 GROUPED_SHAPES = {  # name: (tokens, top_k, experts, K, N)
@@ -219,7 +214,7 @@ def main() -> None:
     # One thread by default: on these shared 2-core machines, 2 OpenMP threads made torch._grouped_mm 4-8x
     # slower than 1 (barrier waits on a preempted thread), which distorts ratios between implementations.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1, see comment)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernel_ops.json")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the GPU report compiles the kernels for sm_80/sm_90a")
