@@ -211,13 +211,20 @@ def run(args, n_adapters: int) -> dict:
         ctx["engine"] = engine
 
     total_tokens = args.requests * args.new_tokens
-    for system in args.systems:
-        closed_batch(system, {**ctx, "prompts": ctx["prompts"][:2], "adapters": ctx["adapters"][:2]})  # warm-up
-        runs = [closed_batch(system, ctx) for _ in range(args.repeats)]
-        best = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    for system in args.systems:  # warm-up
+        closed_batch(system, {**ctx, "prompts": ctx["prompts"][:2], "adapters": ctx["adapters"][:2]})
+    # Repeats go round-robin over the systems so that load from other users of a shared machine hits
+    # every system alike; each system's median run is reported.
+    runs = {system: [] for system in args.systems}
+    for _ in range(args.repeats):
+        for system in args.systems:
+            runs[system].append(closed_batch(system, ctx))
+    for system, system_runs in runs.items():
+        median = sorted(system_runs, key=lambda r: r["seconds"])[len(system_runs) // 2]
         result["systems"][system] = {
-            "tokens_per_s": total_tokens / best["seconds"], "requests_per_s": args.requests / best["seconds"],
-            "ttft_mean": statistics.mean(best["ttft"]), "ttft_p90": float(np.percentile(best["ttft"], 90)),
+            "tokens_per_s": total_tokens / median["seconds"], "requests_per_s": args.requests / median["seconds"],
+            "ttft_mean": statistics.mean(median["ttft"]), "ttft_p90": float(np.percentile(median["ttft"], 90)),
+            "all_tokens_per_s": [total_tokens / r["seconds"] for r in system_runs],
         }
         print(f"N={n_adapters} {system}: {result['systems'][system]['tokens_per_s']:.1f} tok/s", flush=True)
     if "engine" in ctx:
