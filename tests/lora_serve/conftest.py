@@ -44,11 +44,11 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A randomly initialised fp32 causal LM of ``family`` (seeded)."""
+def tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised fp32 causal LM of ``family`` (seeded); ``overrides`` change its config."""
     config_cls, model_cls, extra = FAMILIES[family]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**_COMMON, **extra)).eval()
+    model = model_cls(config_cls(**{**_COMMON, **extra, **overrides})).eval()
     # HF's init is small (std 0.02): scale weights up so logits have clear margins and a wrong
     # attention mask or LoRA row changes the argmax (a test that cannot fail is useless).
     with torch.no_grad():

@@ -80,3 +80,25 @@ def test_model_given_as_directory(tmp_path, lora):
     result = engine.generate([PROMPTS[3]], SamplingParams(max_tokens=NEW_TOKENS, temperature=0))[0]
     assert result.token_ids == lora.hf_generate(base, PROMPTS[3], NEW_TOKENS)
     assert engine.model.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # kv width 1 * 24 does not divide the slot width 100 (four vectors per slot, 4 elements left over)
+        dict(hidden_size=100, num_attention_heads=5, num_key_value_heads=1, head_dim=24, num_hidden_layers=3),
+        # multi-head attention: kv width = slot width; 7 x 2 vectors per token
+        dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, num_hidden_layers=7),
+    ],
+    ids=["kv24-in-slot100", "mha-7-layers"],
+)
+def test_odd_shapes_match_peft(shape, tmp_path, lora):
+    base = lora.tiny_model("llama", **shape)
+    lora.save_adapter(base, tmp_path / "r3", 3, ATTENTION + MLP, seed=4)
+    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=5000, max_batch_tokens=7))
+    engine.add_adapter("r3", tmp_path / "r3")
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    results = engine.generate(PROMPTS[:3], greedy, ["r3", None, "r3"])
+    assert results[0].token_ids == lora.peft_generate(base, tmp_path / "r3", PROMPTS[0], NEW_TOKENS)
+    assert results[1].token_ids == lora.hf_generate(base, PROMPTS[1], NEW_TOKENS)
+    assert results[2].token_ids == lora.peft_generate(base, tmp_path / "r3", PROMPTS[2], NEW_TOKENS)
