@@ -53,6 +53,10 @@ _E4M3_MAX = FP8_MAX[torch.float8_e4m3fn]
 _EXPANSION_LOG2_RANGE = math.log2(_E4M3_MAX**2 / 2)
 _K_STEPS = 16  # k is a multiple of 1/16
 _K16_MIN, _K16_MAX = 1, 255  # the range a uint8 holds, excluding k = 0
+# The expanded format treats magnitudes below fp32's smallest normal as zero: such moments are far below
+# any eps, GPUs flush them in log2 anyway, and on CPU log2 of zeros and subnormals runs 10-40x slower
+# than of normal numbers, so zeros are clamped to this before the log and masked out after.
+_TINY = torch.finfo(torch.float32).tiny
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -166,16 +170,16 @@ def quantize_fp8_expanded_torch(
     groups = _as_groups(x, group_size)
     mag = groups.abs()
     amax = mag.amax(dim=1)
-    # Work in log2 (zeros become -inf and stay zero): q = 448·(|x|/max)^k = 2^(k·log2|x| + log2(448) - k·log2(max)).
-    log_mag = mag.log2_()
+    nonzero = mag >= _TINY
+    # Work in log2: q = 448·(|x|/max)^k = 2^(k·log2|x| + log2(448) - k·log2(max)); |x| <= max, so q <= 448.
+    log_mag = mag.clamp_min_(_TINY).log2_()
     log_max = log_mag.amax(dim=1)
-    log_min = log_mag.nan_to_num(neginf=math.inf).amin(dim=1)  # zeros left out of the min
+    log_min = torch.where(nonzero, log_mag, math.inf).amin(dim=1)  # zeros left out of the min
     k16 = _expansion_k16(log_max - log_min)
     k = k16.float() / _K_STEPS
-    offset = math.log2(_E4M3_MAX) - k * torch.where(amax > 0, log_max, 0.0)
-    # |x| <= max, so q <= 448 without clamping.
+    offset = math.log2(_E4M3_MAX) - k * log_max
     # In-place mul_/add_: a broadcasting addcmul is several times slower on CPU.
-    q = log_mag.mul_(k[:, None]).add_(offset[:, None]).exp2_().copysign_(groups)
+    q = log_mag.mul_(k[:, None]).add_(offset[:, None]).exp2_().mul_(nonzero).copysign_(groups)
     return _ungroup(q, x).to(torch.float8_e4m3fn), amax, k16
 
 
@@ -194,11 +198,12 @@ def dequantize_fp8_expanded_torch(
     _check_group_stats(codes, k16, group_size, "k16")
     q = _as_groups(codes, group_size)
     # x = max·(|q|/448)^(1/k) = 2^(log2|q|/k + log2(max) - log2(448)/k); zero codes give -inf, then 0.
-    # (All-zero groups have amax 0: offset -inf, still 0.)
     inv_k = _K_STEPS / k16.float()
-    offset = amax.float().log2() - math.log2(_E4M3_MAX) * inv_k
-    x = q.abs().log2_().mul_(inv_k[:, None]).add_(offset[:, None]).exp2_().copysign_(q)
-    return _ungroup(x, codes).to(out_dtype)
+    offset = amax.float().clamp_min(_TINY).log2() - math.log2(_E4M3_MAX) * inv_k
+    mag = q.abs()
+    nonzero = mag > 0
+    x = mag.clamp_min_(_TINY).log2_().mul_(inv_k[:, None]).add_(offset[:, None]).exp2_().mul_(nonzero)
+    return _ungroup(x.copysign_(q), codes).to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,19 +277,21 @@ def _dequantize_kernel(codes_ptr, scales_ptr, out_ptr, numel, MANT: tl.constexpr
 
 @triton.jit
 def _quantize_expanded_kernel(x_ptr, codes_ptr, amax_ptr, k16_ptr, numel, LOG2_RANGE: tl.constexpr,
-                              LOG2_E4M3_MAX: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
+                              LOG2_E4M3_MAX: tl.constexpr, TINY: tl.constexpr, GROUP: tl.constexpr,
+                              ROWS: tl.constexpr):
     rows, offsets, mask, row_mask = _tile(tl.program_id(0), numel, GROUP, ROWS)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     mag = tl.abs(x)
     amax = tl.max(mag, axis=1)
     # The torch reference's log-domain arithmetic, step for step (see quantize_fp8_expanded_torch).
-    log_mag = tl.log2(mag)
+    nonzero = mag >= TINY
+    log_mag = tl.log2(tl.maximum(mag, TINY))
     log_max = tl.max(log_mag, axis=1)
-    log_min = tl.min(tl.where(mag > 0, log_mag, float("inf")), axis=1)
+    log_min = tl.min(tl.where(nonzero, log_mag, float("inf")), axis=1)
     k16 = tl.clamp(tl.floor(LOG2_RANGE / (log_max - log_min) * 16.0), 1.0, 255.0)
     k = k16 / 16.0
-    offset = LOG2_E4M3_MAX - k * tl.where(amax > 0, log_max, 0.0)
-    q = tl.exp2(offset[:, None] + log_mag * k[:, None])
+    offset = LOG2_E4M3_MAX - k * log_max
+    q = tl.where(nonzero, tl.exp2(offset[:, None] + log_mag * k[:, None]), 0.0)
     tl.store(codes_ptr + offsets, _encode_fp8(q, _sign_bit(x), 3, 7), mask=mask)
     tl.store(amax_ptr + rows, amax, mask=row_mask)
     tl.store(k16_ptr + rows, k16.to(tl.uint8), mask=row_mask)
@@ -292,13 +299,13 @@ def _quantize_expanded_kernel(x_ptr, codes_ptr, amax_ptr, k16_ptr, numel, LOG2_R
 
 @triton.jit
 def _dequantize_expanded_kernel(codes_ptr, amax_ptr, k16_ptr, out_ptr, numel, LOG2_E4M3_MAX: tl.constexpr,
-                                GROUP: tl.constexpr, ROWS: tl.constexpr):
+                                TINY: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
     rows, offsets, mask, row_mask = _tile(tl.program_id(0), numel, GROUP, ROWS)
     q, negative = _decode_fp8(tl.load(codes_ptr + offsets, mask=mask, other=0), 3, 7)
     amax = tl.load(amax_ptr + rows, mask=row_mask, other=0.0)
     inv_k = 16.0 / tl.load(k16_ptr + rows, mask=row_mask, other=16).to(tl.float32)
-    offset = tl.log2(amax) - LOG2_E4M3_MAX * inv_k
-    x = tl.exp2(offset[:, None] + tl.log2(q) * inv_k[:, None])
+    offset = tl.log2(tl.maximum(amax, TINY)) - LOG2_E4M3_MAX * inv_k
+    x = tl.where(q > 0, tl.exp2(offset[:, None] + tl.log2(tl.maximum(q, TINY)) * inv_k[:, None]), 0.0)
     tl.store(out_ptr + offsets, tl.where(negative, -x, x).to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -309,7 +316,8 @@ _GPU_ELEMENTS_PER_PROGRAM, _GPU_NUM_WARPS, _GPU_NUM_STAGES = 2048, 4, 1
 _INTERPRETER_ELEMENTS_PER_PROGRAM = 1 << 16
 # (mantissa bits, exponent bias) of each format, for the integer encoder/decoder.
 _FP8_LAYOUT = {torch.float8_e4m3fn: (3, 7), torch.float8_e5m2: (2, 15)}
-_EXPANDED_CONSTANTS = dict(LOG2_RANGE=_EXPANSION_LOG2_RANGE, LOG2_E4M3_MAX=math.log2(_E4M3_MAX))
+_DEQUANTIZE_EXPANDED_CONSTANTS = dict(LOG2_E4M3_MAX=math.log2(_E4M3_MAX), TINY=_TINY)
+_EXPANDED_CONSTANTS = dict(LOG2_RANGE=_EXPANSION_LOG2_RANGE, **_DEQUANTIZE_EXPANDED_CONSTANTS)
 
 
 def _rows_per_program(group_size: int) -> int:
@@ -390,7 +398,7 @@ def dequantize_fp8_expanded_triton(
     out = torch.empty(codes.shape, dtype=out_dtype, device=codes.device)
     if codes.numel():
         _launch(_dequantize_expanded_kernel, codes.numel(), group_size, codes.view(torch.uint8),
-                amax.float().contiguous(), k16.contiguous(), out, LOG2_E4M3_MAX=math.log2(_E4M3_MAX))
+                amax.float().contiguous(), k16.contiguous(), out, **_DEQUANTIZE_EXPANDED_CONSTANTS)
     return out
 
 
@@ -475,7 +483,7 @@ def _aot_cases() -> list[dict]:
     cases.append(_aot_case(
         "fp8_dequantize_expanded_fp32_g128", _dequantize_expanded_kernel,
         {"codes_ptr": u8, "amax_ptr": fp32, "k16_ptr": u8, "out_ptr": fp32}, 128,
-        LOG2_E4M3_MAX=math.log2(_E4M3_MAX)))
+        **_DEQUANTIZE_EXPANDED_CONSTANTS))
     return cases
 
 
