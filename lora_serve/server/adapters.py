@@ -1,0 +1,99 @@
+"""Adapter bookkeeping of the server: finding adapters under a root directory, confining run-time loads
+to it, and draining an adapter's in-flight requests before it is unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import APIError
+
+_PEFT_CONFIG = "adapter_config.json"
+
+
+def find_adapters(root: str | Path) -> dict[str, Path]:
+    """Every PEFT adapter directory below ``root``, named by its path relative to ``root`` (``a``, ``team/b``)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise NotADirectoryError(f"adapter root {root} is not a directory")
+    found = sorted(config.parent for config in root.rglob(_PEFT_CONFIG))
+    return {path.relative_to(root).as_posix(): path for path in found if path != root}
+
+
+def resolve_under_root(root: Path | None, path: str) -> Path:
+    """``path`` (absolute, or relative to ``root``) as a resolved path inside ``root``; else a 403.
+
+    Resolving follows symlinks and ``..`` first, so neither can lead a client outside the root.
+    """
+    if root is None:
+        raise APIError(
+            403, "loading adapters at run time is disabled; start the server with --adapter-root",
+            param="lora_path", code="adapter_loading_disabled",
+        )
+    root = root.resolve()
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise APIError(
+            403, f"lora_path {path!r} is outside the adapter root {str(root)!r}", param="lora_path",
+            code="path_not_allowed",
+        )
+    return resolved
+
+
+class AdapterUsage:
+    """Counts the server's in-flight requests per adapter so an unload can refuse new ones and wait for the rest.
+
+    Used from the event loop only, so it needs no lock.
+    """
+
+    def __init__(self):
+        self._active: Counter[str] = Counter()
+        self._idle: dict[str, asyncio.Event] = {}
+        self._draining: set[str] = set()
+
+    def is_draining(self, name: str) -> bool:
+        """Whether ``name`` is being unloaded (new requests for it are refused)."""
+        return name in self._draining
+
+    @contextmanager
+    def hold(self, name: str | None) -> Iterator[None]:
+        """Mark one request of adapter ``name`` (None: the base model, not tracked) in flight while inside."""
+        if name is None:
+            yield
+            return
+        if name in self._draining:
+            raise APIError(404, f"adapter {name!r} is being unloaded", param="model", code="model_not_found")
+        self._active[name] += 1
+        try:
+            yield
+        finally:
+            self._active[name] -= 1
+            if not self._active[name]:
+                del self._active[name]
+                if name in self._idle:
+                    self._idle.pop(name).set()
+
+    @contextmanager
+    def draining(self, name: str) -> Iterator[None]:
+        """Refuse new requests for ``name`` while inside (claimed by one unload at a time)."""
+        if name in self._draining:
+            raise APIError(409, f"adapter {name!r} is already being unloaded", param="lora_name")
+        self._draining.add(name)
+        try:
+            yield
+        finally:
+            self._draining.discard(name)
+
+    async def wait_idle(self, name: str, timeout: float) -> int:
+        """Wait up to ``timeout`` seconds for ``name``'s requests to finish; return how many are still running."""
+        if self._active[name]:
+            idle = self._idle.setdefault(name, asyncio.Event())
+            try:
+                await asyncio.wait_for(idle.wait(), timeout)
+            except TimeoutError:
+                pass
+        return self._active[name]

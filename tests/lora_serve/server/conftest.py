@@ -1,0 +1,111 @@
+"""A tiny character-level tokenizer with a chat template, and a real uvicorn server on 127.0.0.1 run in a
+background thread (so tests can read the engine's pool accounting directly).
+
+Under ``--import-mode=importlib`` test modules cannot import this file, so helpers come as fixtures.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import types
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from lora_serve import Engine
+from lora_serve.server import ServerConfig, create_app
+
+API_KEY = "test-key"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in the tiny configs
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def char_tokenizer(vocab_size: int = 211) -> PreTrainedTokenizerFast:
+    """One token per character (newline, then printable characters) filling ``vocab_size``, plus ChatML markers.
+
+    Every id decodes to text, so whatever a random model generates can be compared as text.
+    """
+    printable = (c for c in map(chr, range(32, 4096)) if c.isprintable())
+    chars = ["\n"] + [next(printable) for _ in range(vocab_size - len(SPECIALS) - 1)]
+    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=SPECIALS[4:], chat_template=CHAT_TEMPLATE,
+    )
+
+
+@dataclass
+class RunningServer:
+    """A uvicorn server serving ``engine`` on ``url`` from a daemon thread."""
+
+    url: str
+    engine: Engine
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def openai(self, api_key: str = API_KEY) -> openai.OpenAI:
+        """An ``openai`` client for this server (bounded: no retries, 60 s timeout)."""
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def async_openai(self) -> openai.AsyncOpenAI:
+        """The asyncio ``openai`` client, for many concurrent requests."""
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+    def http(self) -> httpx.Client:
+        """A plain HTTP client (no credentials) for what the openai client cannot send."""
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def wait_until_idle(self, timeout: float = 30) -> None:
+        """Wait until the engine has no request and no KV page in use (aborts land at the next step)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            stats = self.engine.stats()
+            if (stats.running, stats.waiting, stats.pool.kv) == (0, 0, 0) and not self.engine.has_unfinished():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"engine still busy after {timeout} s: {self.engine.stats()}")
+
+    def stop(self) -> None:
+        """Shut down (as on SIGTERM) and wait for the thread."""
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "server did not stop"
+
+
+def start_server(engine: Engine, config: ServerConfig) -> RunningServer:
+    """Serve ``engine`` on a free loopback port; returns once the server accepts connections."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound before uvicorn starts, so no other process can take the port
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, config), log_level="warning", timeout_graceful_shutdown=5)
+    )
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.01)
+    host, port = sock.getsockname()
+    return RunningServer(f"http://{host}:{port}", engine, server, thread)
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """Helpers: ``serve.char_tokenizer()``, ``serve.start_server(engine, config)``, ``serve.API_KEY``."""
+    return types.SimpleNamespace(
+        char_tokenizer=char_tokenizer, start_server=start_server, API_KEY=API_KEY, ServerConfig=ServerConfig
+    )
