@@ -44,7 +44,17 @@ class KVLayout:
             column, offset = self._where(layer, kind)
             pool[token_slots[:, column], offset : offset + self.kv_dim] = vectors.to(pool.dtype)
 
-    def read(self, pool: torch.Tensor, layer: int, kind: int, token_slots: torch.Tensor) -> torch.Tensor:
-        """Gather the ``kind`` vectors of ``layer`` for page rows ``token_slots [..., S]`` -> ``[..., kv_dim]``."""
-        column, offset = self._where(layer, kind)
-        return pool[token_slots[..., column], offset : offset + self.kv_dim]
+    def read(self, pool: torch.Tensor, layer: int, token_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather ``layer``'s keys and values for page rows ``token_slots [..., S]``: two ``[..., kv_dim]``.
+
+        When both vectors sit in the same slot (always for an even ``per_slot``) one gather of whole
+        slots serves both: on CPU the per-call cost of a gather outweighs the extra bytes.
+        """
+        (key_column, key_offset), (value_column, value_offset) = self._where(layer, KEY), self._where(layer, VALUE)
+        if key_column == value_column:
+            rows = pool[token_slots[..., key_column]]
+            return (rows[..., key_offset : key_offset + self.kv_dim], rows[..., value_offset : value_offset + self.kv_dim])
+        return (
+            pool[token_slots[..., key_column], key_offset : key_offset + self.kv_dim],
+            pool[token_slots[..., value_column], value_offset : value_offset + self.kv_dim],
+        )

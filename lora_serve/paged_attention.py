@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .kv_layout import KEY, VALUE, KVLayout
+from .kv_layout import KVLayout
 
 ATTENTION_NAME = "lora_serve_paged"
 BATCH_KWARG = "lora_serve_batch"
@@ -111,9 +111,10 @@ def _attend(query, pages, batch: AttentionBatch, layer: int, mask, scaling: floa
     """SDPA of ``query [B, H, q, hd]`` against the keys/values in ``pages [B, L, S]``."""
     b, length = pages.shape[0], pages.shape[1]
     head_dim = query.shape[-1]
-    key = batch.layout.read(batch.pool, layer, KEY, pages).view(b, length, -1, head_dim).transpose(1, 2)
-    value = batch.layout.read(batch.pool, layer, VALUE, pages).view(b, length, -1, head_dim).transpose(1, 2)
-    key, value = key.to(query.dtype), value.to(query.dtype)
+    key, value = (
+        t.reshape(b, length, -1, head_dim).transpose(1, 2).to(query.dtype)
+        for t in batch.layout.read(batch.pool, layer, pages)
+    )
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
 
 
