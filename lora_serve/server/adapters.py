@@ -55,10 +55,6 @@ class AdapterUsage:
         self._idle: dict[str, asyncio.Event] = {}
         self._draining: set[str] = set()
 
-    def is_draining(self, name: str) -> bool:
-        """Whether ``name`` is being unloaded (new requests for it are refused)."""
-        return name in self._draining
-
     @contextmanager
     def hold(self, name: str | None) -> Iterator[None]:
         """Mark one request of adapter ``name`` (None: the base model, not tracked) in flight while inside."""

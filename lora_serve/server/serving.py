@@ -119,8 +119,8 @@ class OpenAIServing:
         """The adapter ``model`` names (None for the base model); a 404 for anything else."""
         if model == self.config.model_name:
             return None
-        if model in self.engine.engine.store and not self.usage.is_draining(model):
-            return model
+        if model in self.engine.engine.store:
+            return model  # one being unloaded is refused by ``usage.hold``
         raise APIError(
             404, f"the model {model!r} does not exist; use {self.config.model_name!r} or an adapter "
             "listed by GET /v1/models", param="model", code="model_not_found",
