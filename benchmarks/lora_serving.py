@@ -89,6 +89,21 @@ def write_adapters(base: torch.nn.Module, n: int, root: Path) -> list[str]:
     return names
 
 
+def decode_roofline(base: torch.nn.Module, distinct: list[int]) -> float:
+    """Best possible engine-lora / engine-base throughput if decode is bound by reading weights.
+
+    Each decode step reads every base weight once (the input embedding only if it is tied to the
+    output layer) and the A and B of every distinct adapter in the batch; on a CPU, decode of a small
+    model is memory-bound, so the ratio of bytes read bounds the ratio of throughputs.
+    """
+    embedding = base.get_input_embeddings().weight
+    tied = embedding is base.get_output_embeddings().weight
+    base_params = sum(p.numel() for p in base.parameters()) - (0 if tied else embedding.numel())
+    per_rank = sum(m.in_features + m.out_features for name, m in base.named_modules() if name.split(".")[-1] in TARGETS)
+    adapter_params = sum(RANKS[i % len(RANKS)] * per_rank for i in set(distinct))
+    return base_params / (base_params + adapter_params)
+
+
 def zipf_choice(n: int, size: int, rng: np.random.Generator) -> list[int]:
     """``size`` adapter indices drawn with p(i) ~ 1/(i+1) (truncated Zipf, exponent 1)."""
     weights = 1.0 / np.arange(1, n + 1)
@@ -191,7 +206,8 @@ def run(args, n_adapters: int) -> dict:
     chosen = zipf_choice(n_adapters, args.requests, rng)
     ctx = {"base": base, "new_tokens": args.new_tokens, "adapters": [names[i] for i in chosen],
            "prompts": torch.from_numpy(rng.integers(3, vocab, size=(args.requests, args.prompt_len)))}
-    result = {"adapters": n_adapters, "distinct_in_batch": len(set(chosen)), "systems": {}}
+    result = {"adapters": n_adapters, "distinct_in_batch": len(set(chosen)), "systems": {},
+              "decode_roofline_lora_over_base": decode_roofline(base, chosen)}
 
     if {"peft-mixed", "peft-single"} & set(args.systems):
         start = time.perf_counter()
@@ -245,15 +261,16 @@ def markdown(args, results: list[dict]) -> str:
              f"Closed batch: {args.requests} requests x {args.prompt_len}-token prompts -> {args.new_tokens} new tokens, "
              f"greedy; ranks 8/16/32/64 on q/k/v/o; Zipf(1) adapter popularity; {args.threads} torch thread(s). "
              f"Tokens/s (median of {args.repeats}).\n",
-             "| N | distinct in batch | " + " | ".join(args.systems) + " | engine lora/base | vs peft-mixed "
-             "| vs peft-single | load N adapters: engine / PEFT |",
-             "|---" * (len(args.systems) + 6) + "|"]
+             "| N | distinct in batch | " + " | ".join(args.systems) + " | engine lora/base (memory-bound roof) "
+             "| engine-lora vs peft-mixed | vs peft-single | engine-base vs hf-plain | load N adapters: engine / PEFT |",
+             "|---" * (len(args.systems) + 7) + "|"]
     for r in results:
         s = {k: v["tokens_per_s"] for k, v in r["systems"].items()}
         ratio = lambda a, b: f"{s[a] / s[b]:.2f}x" if a in s and b in s else "-"  # noqa: E731
         lines.append(f"| {r['adapters']} | {r['distinct_in_batch']} | " + " | ".join(f"{s[k]:.1f}" for k in args.systems)
-                     + f" | {ratio('engine-lora', 'engine-base')} | {ratio('engine-lora', 'peft-mixed')} | "
-                     f"{ratio('engine-lora', 'peft-single')} | {r.get('engine_load_s', float('nan')):.2f} s / "
+                     + f" | {ratio('engine-lora', 'engine-base')} ({r['decode_roofline_lora_over_base']:.2f}x) | "
+                     f"{ratio('engine-lora', 'peft-mixed')} | {ratio('engine-lora', 'peft-single')} | "
+                     f"{ratio('engine-base', 'hf-plain')} | {r.get('engine_load_s', float('nan')):.2f} s / "
                      f"{r.get('peft_load_s', float('nan')):.2f} s |")
     if any("trace" in r for r in results):
         lines += ["", f"Open-loop trace: {args.trace_requests} Poisson arrivals at {args.rate} req/s, prompts "

@@ -313,8 +313,8 @@ class Engine:
                 last_rows.append(len(ids) - 1)
                 sampled.append(request)
         device = self.pool.slots.device
-        row_adapter = torch.tensor(rows, dtype=torch.long, device=device)
-        self._context.row_adapter = row_adapter if bool((row_adapter >= 0).any()) else None
+        uses_lora = any(row >= 0 for row in rows)
+        self._context.row_adapter = torch.tensor(rows, dtype=torch.long, device=device) if uses_lora else None
         try:
             with torch.inference_mode():
                 logits = self.model(
