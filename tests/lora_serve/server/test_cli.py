@@ -1,0 +1,97 @@
+"""``python -m lora_serve`` as a user runs it: a YAML config plus flags, an adapter root, a startup log,
+the openai client, and a SIGTERM that lets the in-flight stream finish before the process exits.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from lora_serve.cli import parse_args
+from lora_serve.server.adapters import find_adapters
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def test_config_file_gives_defaults_that_flags_override(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("model: /models/x.gguf\nmax-batch-tokens: 512\nport: 9000\nadapters:\n  sql: /a/sql\n")
+    args = parse_args(["--config", str(config), "--port", "9100", "--adapter", "chat=/a/chat"])
+    assert (args.model, args.max_batch_tokens, args.port) == ("/models/x.gguf", 512, 9100)
+    assert args.adapters == [("sql", "/a/sql"), ("chat", "/a/chat")]
+    config.write_text("max_batch_tokenz: 5\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config)])
+
+
+def test_find_adapters_names_them_by_relative_path(tmp_path):
+    for name in ("a", "team/b", "team/c/v2"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "adapter_config.json").write_text("{}")
+    (tmp_path / "not-an-adapter").mkdir()
+    assert list(find_adapters(tmp_path)) == ["a", "team/b", "team/c/v2"]
+
+
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def test_cli_serves_adapters_and_shuts_down_gracefully(tmp_path, lora, serve):
+    base = lora.tiny_model("llama")
+    base.save_pretrained(tmp_path / "model")
+    tokenizer = serve.char_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "model")
+    lora.save_adapter(base, tmp_path / "root" / "a", 8, ["q_proj", "v_proj"], seed=1)
+    lora.save_adapter(base, tmp_path / "elsewhere" / "b", 4, ["o_proj"], seed=2)
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"model: {tmp_path / 'model'}\npool_slots: 4000\nadapters:\n  b: {tmp_path / 'elsewhere' / 'b'}\n")
+
+    command = [sys.executable, "-m", "lora_serve", "--config", str(config), "--adapter-root", str(tmp_path / "root"),
+               "--port", "0", "--api-key", "secret", "--served-model-name", "tiny"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    try:
+        log, port, deadline = [], None, time.monotonic() + 120
+        while port is None:
+            log.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
+            port = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log[-1])
+        startup = "".join(log)
+        assert "2 adapters registered" in startup and "pool 4000 slots" in startup, startup
+
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port[1]}/v1", api_key="secret", max_retries=0, timeout=60)
+        assert {m.id for m in client.models.list()} == {"tiny", "a", "b"}
+        prompt_ids = tokenizer("Hi")["input_ids"]
+        expected = lora.peft_generate(base, tmp_path / "root" / "a", prompt_ids, 8)
+        answer = client.completions.create(model="a", prompt="Hi", max_tokens=8, temperature=0)
+        assert answer.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True)
+
+        stream = client.completions.create(model="b", prompt="Hi", max_tokens=240, temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True}, stream_options={"include_usage": True})
+        next(stream)
+        process.send_signal(signal.SIGTERM)
+        chunks = list(stream)
+        assert chunks[-1].usage.completion_tokens == 240  # finished, not cut off
+        # uvicorn re-raises the signal once its graceful shutdown is done, so the exit status is SIGTERM's.
+        assert process.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    while not lines.empty():
+        log.append(lines.get())
+    shutdown = "".join(log)
+    assert "Waiting for connections to close" in shutdown  # the stream was in flight at SIGTERM
+    assert "Application shutdown complete" in shutdown  # the lifespan stopped the engine thread
