@@ -1,7 +1,10 @@
 """Expert parallelism: experts sharded over ranks, tokens moved with uneven all-to-alls.
 
-Each rank of an expert-parallel (EP) group of size P holds E/P experts (rank r owns the contiguous
-block [r*E/P, (r+1)*E/P)). A rank routes its own tokens, sends each (token, choice) row to the rank
+Each rank of an expert-parallel (EP) group of size P holds S expert slots. By default S = E/P and rank
+r owns the contiguous block [r*E/P, (r+1)*E/P). A placement (`moeplug.placement`) gives instead a
+`slots` table [P, S] naming the expert held in each slot; an expert may sit in several slots
+(replicas), and then a token's assignment goes to copy (token + ep_rank) mod copies, which splits
+the expert's tokens evenly over its copies without any communication. A rank routes its own tokens, sends each (token, choice) row to the rank
 owning the chosen expert, runs its local experts on what it receives, and sends the results back,
 where the gate weights are applied and the k choices summed. Both all-to-alls use
 `all_to_all_single` with per-rank split sizes (the list form fails with uneven sizes under gloo)
@@ -13,8 +16,9 @@ EP rank in different groups hold the same experts and form an expert-data-parall
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -30,19 +34,61 @@ class ExpertParallel:
     num_experts: int
     group: object = None  # the EP process group (None: the default group when ep_size == world)
     expert_dp_group: object = None  # ranks holding the same experts (None when there is one EP group)
+    # [ep_size, S] global expert id held by each slot of each rank; None: the contiguous layout.
+    slots: torch.Tensor | None = None
+    _copies: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.slots is None:
+            return
+        self.slots = torch.as_tensor(self.slots, dtype=torch.long)
+        if self.slots.dim() != 2 or self.slots.shape[0] != self.ep_size:
+            raise ValueError(f"slots has shape {tuple(self.slots.shape)}, expected [ep_size={self.ep_size}, slots]")
+        held = torch.bincount(self.slots.reshape(-1), minlength=self.num_experts)
+        if self.slots.min() < 0 or len(held) > self.num_experts or bool((held == 0).any()):
+            raise ValueError(f"slots must hold every expert 0..{self.num_experts - 1} at least once and nothing "
+                             f"else; got {self.slots.tolist()}")
+        # Copies of expert e, as flat slot ids (rank * S + local), padded by repeating the first.
+        flat_ids = torch.arange(self.slots.numel())
+        order = self.slots.reshape(-1).argsort(stable=True)
+        table = flat_ids.new_empty(self.num_experts, int(held.max()))
+        starts = torch.cumsum(held, 0) - held
+        for column in range(table.shape[1]):
+            table[:, column] = order[starts + torch.minimum(held - 1, torch.tensor(column))]
+        self._copies = (table, held)
 
     @property
     def experts_per_rank(self) -> int:
-        return self.num_experts // self.ep_size
+        """Expert slots per rank (E/P for the contiguous layout; more with replicas)."""
+        return self.num_experts // self.ep_size if self.slots is None else self.slots.shape[1]
 
     @property
-    def local_experts(self) -> range:
-        """Global ids of the experts this rank holds."""
-        return range(self.ep_rank * self.experts_per_rank, (self.ep_rank + 1) * self.experts_per_rank)
+    def local_experts(self) -> range | tuple[int, ...]:
+        """Global ids of the experts in this rank's slots (a range for the contiguous layout)."""
+        if self.slots is None:
+            return range(self.ep_rank * self.experts_per_rank, (self.ep_rank + 1) * self.experts_per_rank)
+        return tuple(self.slots[self.ep_rank].tolist())
 
     def owner(self, expert_ids: torch.Tensor) -> torch.Tensor:
-        """EP rank holding each expert id; ids >= num_experts (dropped slots) map to ep_size."""
+        """EP rank holding each expert id (contiguous layout); ids >= num_experts (dropped) map to ep_size."""
         return torch.where(expert_ids < self.num_experts, expert_ids // self.experts_per_rank, self.ep_size)
+
+    def slot_of(self, expert_ids: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
+        """Flat slot (rank * S + local slot) serving each assignment; dropped ids (>= E) map to P * S.
+
+        `token_index` (same shape) picks among an expert's copies: copy (token + ep_rank) mod copies.
+        """
+        if self.slots is None:  # slot id == expert id, and P * S == E for dropped slots
+            return expert_ids
+        table, copies = self._copies
+        kept = expert_ids < self.num_experts
+        expert = torch.where(kept, expert_ids, 0)
+        slot = table[expert, (token_index + self.ep_rank) % copies[expert]]
+        return torch.where(kept, slot, self.slots.numel())
+
+    def with_slots(self, slots: torch.Tensor | None) -> ExpertParallel:
+        """The same ranks and groups with another slot table (None: contiguous)."""
+        return ExpertParallel(self.ep_size, self.ep_rank, self.num_experts, self.group, self.expert_dp_group, slots)
 
 
 _groups: dict[tuple[int, int], tuple] = {}
@@ -74,6 +120,24 @@ def expert_parallel(ep_size: int, num_experts: int) -> ExpertParallel:
     ep_groups, dp_groups = _groups[key]
     return ExpertParallel(ep_size, rank % ep_size, num_experts, ep_groups[rank // ep_size],
                           None if dp_groups is None else dp_groups[rank % ep_size])
+
+
+_traffic: list[tuple[int, torch.Tensor]] | None = None
+
+
+@contextmanager
+def count_traffic() -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """Record, for every expert-parallel dispatch in the block, (ep_rank, rows sent to each EP rank).
+
+    The list yielded fills in as layers run; the combine sends the same rows back. Rows sent to
+    the own rank (index ep_rank) never leave the process.
+    """
+    global _traffic
+    previous, _traffic = _traffic, []
+    try:
+        yield _traffic
+    finally:
+        _traffic = previous
 
 
 def _exchange_counts(send_counts: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
@@ -110,14 +174,18 @@ def expert_parallel_forward(
     """
     tokens, top_k = top_k_index.shape
     flat = top_k_index.reshape(-1)
-    owner = ep.owner(flat)
-    # Sorting by global expert id groups slots by owner rank (contiguous blocks), dropped ones last.
-    order = flat.argsort(stable=True)
+    slot = ep.slot_of(flat, torch.arange(flat.numel(), device=flat.device) // top_k)
+    per_rank = ep.experts_per_rank
+    owner = slot // per_rank  # dropped assignments get owner ep_size
+    # Sorting by slot groups assignments by owner rank (contiguous blocks), dropped ones last.
+    order = slot.argsort(stable=True)
     send_counts = torch.bincount(owner, minlength=ep.ep_size + 1)[: ep.ep_size]
     order = order[: int(send_counts.sum())]
+    if _traffic is not None:
+        _traffic.append((ep.ep_rank, send_counts.cpu()))
     recv_counts = _exchange_counts(send_counts, ep)
     send, recv = send_counts.tolist(), recv_counts.tolist()
-    local_ids = flat[order] - owner[order] * ep.experts_per_rank
+    local_ids = slot[order] % per_rank
     recv_rows = _all_to_all(hidden.index_select(0, order // top_k), recv, send, ep)
     recv_ids = _all_to_all(local_ids, recv, send, ep)
     results = local_experts(recv_rows, recv_ids)
@@ -142,6 +210,22 @@ def expert_parallel_parameters(model: torch.nn.Module) -> dict[str, tuple[torch.
     return found
 
 
+def sum_replica_gradients(model: torch.nn.Module) -> None:
+    """Give every copy of a replicated expert the sum of its copies' gradients (call after backward).
+
+    Each copy saw only the tokens routed to it; the expert's gradient is the sum over all of them,
+    so after this every copy takes the same optimizer step and the copies stay identical.
+    Collective over each EP group; a no-op for layouts without replicas.
+    """
+    for param, ep in expert_parallel_parameters(model).values():
+        if param.grad is None or ep.slots is None or ep.slots.numel() == ep.num_experts:
+            continue
+        local = ep.slots[ep.ep_rank].to(param.grad.device)
+        total = param.grad.new_zeros(ep.num_experts, *param.grad.shape[1:]).index_add_(0, local, param.grad)
+        dist.all_reduce(total, group=ep.group)
+        param.grad.copy_(total[local])
+
+
 def _sum_and_scale(grads: list[torch.Tensor], group, scale: float) -> None:
     """All-reduce a list of gradients as one flat buffer (one collective), then scale them."""
     if not grads:
@@ -159,11 +243,13 @@ def _sum_and_scale(grads: list[torch.Tensor], group, scale: float) -> None:
 def allreduce_gradients(model: torch.nn.Module) -> None:
     """Average gradients for data + expert parallel training without DDP (call after backward).
 
-    The objective is the mean of every rank's loss. Replicated parameters: sum over all ranks,
+    The objective is the mean of every rank's loss. Copies of replicated experts (placement) first
+    get their summed gradient (`sum_replica_gradients`). Replicated parameters: sum over all ranks,
     divided by the world size. Expert shards already hold the contributions of their EP group's
     tokens (through the all-to-all backward): sum over the expert-data-parallel group (ranks
     holding the same experts), divided by the world size.
     """
+    sum_replica_gradients(model)
     world = dist.get_world_size()
     experts = {id(param): ep for param, ep in expert_parallel_parameters(model).values()}
     replicated, by_group = [], {}
