@@ -1,7 +1,7 @@
 """Triton FP8 kernels vs their torch references, run by test_fp8_kernels.py in a subprocess.
 
-Not collected on its own (no ``test_`` prefix): it must run with ``TRITON_INTERPRET=1`` set before
-``kernels.fp8`` is imported, because ``@triton.jit`` decides interpreted vs compiled when it runs.
+Not collected on its own (no ``test_`` prefix): it must run with ``TRITON_INTERPRET=1`` set before the
+FP8 kernels are defined, because ``@triton.jit`` decides interpreted vs compiled when it runs.
 Setting that variable in the main pytest process would leak into every other package's tests, so the
 parent test starts ``pytest`` on this file with the variable set in the child's environment only.
 """
@@ -11,7 +11,9 @@ import os
 import pytest
 import torch
 
+from kernels import _fp8_triton as fp8_triton
 from kernels import fp8
+from kernels.backend import use_backend
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_fp8_kernels.py (needs TRITON_INTERPRET=1)"
 
@@ -37,12 +39,12 @@ def _bits(codes: torch.Tensor) -> torch.Tensor:
 def test_plain_matches_reference_bit_for_bit(numel, group_size, fp8_dtype, dtype):
     x = _values(numel, dtype)
     ref_codes, ref_scales = fp8.quantize_fp8_torch(x, group_size, fp8_dtype)
-    codes, scales = fp8.quantize_fp8_triton(x, group_size, fp8_dtype)
+    codes, scales = fp8_triton.quantize_fp8_triton(x, group_size, fp8_dtype)
     assert torch.equal(scales, ref_scales)
     assert torch.equal(_bits(codes), _bits(ref_codes))  # integer encoder == torch's cast, signed zeros included
     for out_dtype in (torch.float32, dtype):
         expected = fp8.dequantize_fp8_torch(codes, scales, group_size, out_dtype)
-        got = fp8.dequantize_fp8_triton(codes, scales, group_size, out_dtype)
+        got = fp8_triton.dequantize_fp8_triton(codes, scales, group_size, out_dtype)
         assert got.dtype == out_dtype
         if out_dtype == torch.float32:
             assert torch.equal(got, expected)
@@ -58,19 +60,28 @@ def test_plain_matches_reference_bit_for_bit(numel, group_size, fp8_dtype, dtype
 def test_expanded_matches_reference(numel, group_size):
     x = _values(numel, torch.float32)
     ref_codes, ref_amax, ref_k16 = fp8.quantize_fp8_expanded_torch(x, group_size)
-    codes, amax, k16 = fp8.quantize_fp8_expanded_triton(x, group_size)
+    codes, amax, k16 = fp8_triton.quantize_fp8_expanded_triton(x, group_size)
     assert torch.equal(amax, ref_amax) and torch.equal(k16, ref_k16)
     # Interpreter and torch compute log2/exp2 with different fp32 libraries (numpy vs SLEEF), so a code
     # may land one step away at a rounding boundary; measured here: none at these sizes.
     steps = (_bits(codes).int() - _bits(ref_codes).int()).abs()
     assert steps.max() <= 1 and (steps > 0).float().mean() <= 0.01
     expected = fp8.dequantize_fp8_expanded_torch(ref_codes, ref_amax, ref_k16, group_size)
-    got = fp8.dequantize_fp8_expanded_triton(ref_codes, ref_amax, ref_k16, group_size)
+    got = fp8_triton.dequantize_fp8_expanded_triton(ref_codes, ref_amax, ref_k16, group_size)
     # Same library difference in the decode: a few fp32 ulps (measured max 7.5e-7 relative).
     torch.testing.assert_close(got, expected, rtol=4e-6, atol=0.0)
     assert torch.equal(torch.signbit(got), torch.signbit(expected))
 
 
+def test_public_ops_dispatch_to_triton_when_forced():
+    x = _values(300, torch.float32)
+    with use_backend("triton"):
+        codes, scales = fp8.quantize_fp8(x, 16)
+        restored = fp8.dequantize_fp8_expanded(*fp8.quantize_fp8_expanded(x, 128), 128)
+    assert torch.equal(codes.view(torch.uint8), fp8_triton.quantize_fp8_triton(x, 16)[0].view(torch.uint8))
+    assert torch.equal(restored, fp8_triton.dequantize_fp8_expanded_triton(*fp8_triton.quantize_fp8_expanded_triton(x, 128), 128))
+
+
 def test_empty_tensor():
-    codes, scales = fp8.quantize_fp8_triton(torch.empty(0), 16)
+    codes, scales = fp8_triton.quantize_fp8_triton(torch.empty(0), 16)
     assert codes.shape == (0,) and scales.shape == (0,)
