@@ -37,7 +37,7 @@ class MoEConfig:
             ceil(capacity_factor * tokens * top_k / num_experts) assignments; the rest are dropped
             (their gate weight becomes 0) and counted.
         drop_policy: which assignments an over-full expert keeps: "probs" (highest router score)
-            or "position" (earliest tokens).
+            or "position" (first choices before second choices, each in token order).
     Losses (added to the model loss by `patch_model`; kept in `MoELayer.aux_loss`):
         balance: "micro" (per micro-batch, per layer), "sequence" (per sequence, DeepSeek-V3),
             "global" (expert frequencies over all micro-batches of the optimizer step and all

@@ -108,7 +108,8 @@ def apply_capacity(
 
     Returns (index, weights, dropped): dropped slots get index `num_experts` (skipped by the
     experts) and weight 0. Policy "probs" keeps an expert's highest-probability assignments;
-    "position" keeps the earliest tokens (ties within a token by choice order).
+    "position" keeps every token's first choice before any second choice, each in token order
+    (GShard's and DeepSpeed's order).
     With `capacity_factor=None` nothing is dropped.
     """
     if capacity_factor is None:
@@ -119,7 +120,8 @@ def apply_capacity(
     if drop_policy == "probs":
         priority = -probs.gather(1, top_k_index).reshape(-1)
     else:
-        priority = torch.arange(flat_expert.numel(), device=flat_expert.device, dtype=torch.float32)
+        choice, token = torch.meshgrid(torch.arange(k), torch.arange(tokens), indexing="ij")
+        priority = (choice * tokens + token).t().reshape(-1).to(flat_expert.device, torch.float32)
     # Sort by priority, then stably by expert: each expert's slots end up in priority order,
     # so a slot's rank inside its expert is its position minus the expert's start.
     by_priority = priority.argsort(stable=True)
