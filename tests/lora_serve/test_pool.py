@@ -123,3 +123,23 @@ def test_request_larger_than_the_pool_is_rejected_clearly(served):
     with pytest.raises(ValueError, match="pool has 300"):
         engine.submit(list(range(3, 153)), SamplingParams(max_tokens=50), "a16")
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize("layers, kv_dim, width", [(3, 24, 100), (7, 48, 48), (30, 192, 576), (1, 5, 7)])
+def test_kv_layout_round_trip_against_dense_storage(layers, kv_dim, width):
+    """Every (token, layer, key/value) vector written through the layout reads back intact, none overlap."""
+    from lora_serve.kv_layout import KVLayout
+
+    layout = KVLayout(layers, kv_dim, width)
+    tokens = 11
+    pool = PagePool(tokens * layout.slots_per_token + 5, width, torch.float32, "cpu")
+    pages = pool.allocate(tokens * layout.slots_per_token, SlotOwner.KV)[torch.randperm(tokens * layout.slots_per_token)]
+    pages = pages.view(tokens, layout.slots_per_token)
+    dense = torch.randn(layers, 2, tokens, kv_dim)  # the oracle: plain per-layer storage
+    for layer in range(layers):
+        layout.write(pool.slots, layer, dense[layer, 0], dense[layer, 1], pages)
+    for layer in range(layers):
+        key, value = layout.read(pool.slots, layer, pages[None])
+        assert torch.equal(key[0], dense[layer, 0]) and torch.equal(value[0], dense[layer, 1])
+    with pytest.raises(ValueError, match="exceeds the pool slot width"):
+        KVLayout(2, width + 1, width)
