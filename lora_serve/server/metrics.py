@@ -91,10 +91,13 @@ class ServerMetrics:
     async def track(
         self, model: str, prompt_tokens: int, outputs: AsyncIterator[RequestOutput]
     ) -> AsyncIterator[RequestOutput]:
-        """Pass ``outputs`` through, recording tokens and latencies; a stream left early counts as ``abort``."""
+        """Pass ``outputs`` through, recording tokens and latencies.
+
+        A stream left early (client gone, request cancelled) counts as ``abort``; one the engine refused at
+        submission (``KeyError`` / ``ValueError``, answered with a 4xx) is not counted as a request.
+        """
         start = last = time.perf_counter()
-        finish_reason = "abort"
-        self.prompt_tokens.labels(model=model).inc(prompt_tokens)
+        finish_reason: str | None = "abort"
         try:
             async for output in outputs:
                 if output.token_ids:
@@ -105,9 +108,14 @@ class ServerMetrics:
                 if output.finished:
                     finish_reason = output.finish_reason.value
                 yield output
+        except (KeyError, ValueError):
+            finish_reason = None
+            raise
         finally:
-            self.latency.observe(time.perf_counter() - start)
-            self.requests.labels(model=model, finish_reason=finish_reason).inc()
+            if finish_reason is not None:
+                self.prompt_tokens.labels(model=model).inc(prompt_tokens)
+                self.latency.observe(time.perf_counter() - start)
+                self.requests.labels(model=model, finish_reason=finish_reason).inc()
 
     def render(self) -> bytes:
         """The registry in Prometheus' text format (reads the engine's stats, which waits for its lock)."""

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -67,6 +68,16 @@ class RunningServer:
     def http(self) -> httpx.Client:
         """A plain HTTP client (no credentials) for what the openai client cannot send."""
         return httpx.Client(base_url=self.url, timeout=60)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of ``/metrics`` (0 when absent, as for a counter never incremented)."""
+        with self.http() as http:
+            text = http.get("/metrics").text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        return 0.0
 
     def wait_until_idle(self, timeout: float = 30) -> None:
         """Wait until the engine has no request and no KV page in use (aborts land at the next step)."""

@@ -120,6 +120,26 @@ def test_sampling_with_a_seed_is_reproducible(setup):
     assert len({sample(s) for s in (8, 9, 10)} | {first}) > 1  # a different seed draws differently
 
 
+def test_metrics_count_served_requests_per_model_and_not_refused_ones(setup):
+    _, _, _, server = setup
+    client = server.openai()
+
+    def counts():
+        return (server.metric("lora_serve_requests_total", model="a", finish_reason="length"),
+                server.metric("lora_serve_generation_tokens_total", model="a"),
+                server.metric("lora_serve_prompt_tokens_total", model="a"),
+                server.metric("lora_serve_http_errors_total", status="400"))
+
+    before = counts()
+    client.completions.create(model="a", prompt="abc", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    with pytest.raises(openai.BadRequestError):  # refused by the engine: too long for the context
+        client.completions.create(model="a", prompt="x" * 300)
+    after = counts()
+    assert [a - b for a, b in zip(after, before)] == [1, 5, 3, 1]
+    assert server.metric("lora_serve_pool_capacity_slots") == 4000
+    assert server.metric("lora_serve_adapters", state="registered") == len(ADAPTERS)
+
+
 def test_api_key_is_required_on_v1_but_not_on_health(setup, serve):
     _, _, _, server = setup
     with pytest.raises(openai.AuthenticationError) as info:

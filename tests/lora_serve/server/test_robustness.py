@@ -12,7 +12,6 @@ import time
 
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from lora_serve import Engine, EngineConfig
 
@@ -48,17 +47,6 @@ def setup(tmp_path_factory, lora, serve):
 
 def _auth(serve) -> dict:
     return {"Authorization": f"Bearer {serve.API_KEY}"}
-
-
-def _metric(server, name: str, **labels) -> float:
-    """The value of one sample of ``/metrics`` (0 if absent, as for a counter never incremented)."""
-    with server.http() as http:
-        text = http.get("/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 @pytest.mark.parametrize(
@@ -101,7 +89,7 @@ def test_openai_client_raises_typed_errors(setup):
 
 def test_disconnect_mid_stream_aborts_and_frees_pages(setup, serve, slow_steps):
     server = setup[-1]
-    aborted_before = _metric(server, "lora_serve_requests_total", model="ad1", finish_reason="abort")
+    aborted_before = server.metric("lora_serve_requests_total", model="ad1", finish_reason="abort")
     with server.http() as http:
         body = {"model": "ad1", "prompt": PROMPT, "stream": True, **LONG}
         with http.stream("POST", "/v1/completions", json=body, headers=_auth(serve)) as response:
@@ -112,7 +100,7 @@ def test_disconnect_mid_stream_aborts_and_frees_pages(setup, serve, slow_steps):
         # Leaving the block closes the connection without reading the rest.
     server.wait_until_idle()
     assert server.engine.stats().pool.kv == 0
-    assert _metric(server, "lora_serve_requests_total", model="ad1", finish_reason="abort") == aborted_before + 1
+    assert server.metric("lora_serve_requests_total", model="ad1", finish_reason="abort") == aborted_before + 1
 
 
 def test_runtime_load_is_confined_to_the_adapter_root(setup, lora, serve):
@@ -204,8 +192,8 @@ def test_concurrent_streams_over_many_adapters_with_hot_load_and_unload(setup, s
     server = setup[-1]
     client = server.async_openai()
     adapters = [f"ad{i}" for i in range(5, NUM_ADAPTERS - 2)]
-    loads_before = _metric(server, "lora_serve_adapter_loads_total")
-    tokens_before = _metric(server, "lora_serve_generation_tokens_total", model="ad5")
+    loads_before = server.metric("lora_serve_adapter_loads_total")
+    tokens_before = server.metric("lora_serve_generation_tokens_total", model="ad5")
 
     async def one(i):
         stream = await client.completions.create(model=adapters[i % len(adapters)], prompt=f"{PROMPT} {i}",
@@ -230,8 +218,8 @@ def test_concurrent_streams_over_many_adapters_with_hot_load_and_unload(setup, s
     server.wait_until_idle()
     stats = server.engine.stats()
     assert stats.pool.free + stats.pool.adapters == stats.pool.total
-    assert _metric(server, "lora_serve_adapter_loads_total") > loads_before
-    assert _metric(server, "lora_serve_generation_tokens_total", model="ad5") == tokens_before + 3 * 6
-    assert _metric(server, "lora_serve_pool_slots", use="kv") == 0
-    assert _metric(server, "lora_serve_requests_waiting") == 0
-    assert _metric(server, "lora_serve_request_latency_seconds_count") >= 200
+    assert server.metric("lora_serve_adapter_loads_total") > loads_before
+    assert server.metric("lora_serve_generation_tokens_total", model="ad5") == tokens_before + 3 * 6
+    assert server.metric("lora_serve_pool_slots", use="kv") == 0
+    assert server.metric("lora_serve_requests_waiting") == 0
+    assert server.metric("lora_serve_request_latency_seconds_count") >= 200
