@@ -60,7 +60,9 @@ def test_cli_serves_adapters_and_shuts_down_gracefully(tmp_path, lora, serve):
     command = [sys.executable, "-m", "lora_serve", "--config", str(config), "--adapter-root", str(tmp_path / "root"),
                "--port", "0", "--api-key", "secret", "--served-model-name", "tiny"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
     try:
