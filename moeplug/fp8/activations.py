@@ -8,7 +8,8 @@ value by at most 2^-9 relative, well below E4M3's 2^-4), so a 1×16 group costs 
 fp32 (0.28x); a per-tensor one costs 1 byte per value (0.25x).
 
 Left alone: integer and bool tensors (indices, masks), parameters, tensors under ``min_numel`` elements,
-and everything saved outside the chosen modules (the residual stream and attention, by default).
+and everything saved outside the chosen modules (by default the residual stream and attention internals:
+rotary embedding and the attention kernel; the attention projections' inputs are compressed).
 
 Built on ``torch.autograd.graph.saved_tensors_hooks``: a forward pre-hook on each chosen module pushes
 the hooks, a forward hook pops them, so they apply to exactly what that module's forward saves (the
@@ -96,7 +97,7 @@ class ActivationCompressor:
         self.group_size, self.min_numel = group_size, min_numel
         self.packed_bytes = self.original_bytes = 0
         self._stack: list[torch.autograd.graph.saved_tensors_hooks] = []
-        # A tensor saved by several ops (a linear input feeding gate and up projections) is packed once.
+        # Viewed tensor -> {view geometry and version: packed}; entries die with the tensor.
         self._packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._handles = []
         self.modules: dict[str, str] = {}
@@ -120,17 +121,20 @@ class ActivationCompressor:
         self._stack.pop().__exit__(None, None, None)
 
     def _pack(self, tensor: torch.Tensor, mode: str):
+        # Linear layers save views: the input reshaped to 2-D, the weight transposed. Judge and
+        # deduplicate by the viewed tensor: a parameter's view stays as is (the parameter is kept
+        # anyway), and one input feeding q/k/v or gate/up projections is packed once.
+        base = tensor if tensor._base is None else tensor._base
         if (not tensor.is_floating_point() or tensor.dtype in FP8_MAX or tensor.numel() < self.min_numel
-                or isinstance(tensor, torch.nn.Parameter) or (tensor.is_leaf and tensor.requires_grad)):
+                or isinstance(base, torch.nn.Parameter) or (base.is_leaf and base.requires_grad)):
             return tensor
-        seen = self._packed.get(tensor)
-        if seen is not None and seen[0] == tensor._version:
-            return seen[1]
-        packed = _pack_tensorwise(tensor) if mode == "tensor" else _pack_groupwise(tensor, self.group_size)
-        self._packed[tensor] = (tensor._version, packed)
-        self.packed_bytes += packed.nbytes
-        self.original_bytes += tensor.nbytes
-        return packed
+        views = self._packed.setdefault(base, {})
+        key = (mode, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor._version)
+        if key not in views:
+            views[key] = _pack_tensorwise(tensor) if mode == "tensor" else _pack_groupwise(tensor, self.group_size)
+            self.packed_bytes += views[key].nbytes
+            self.original_bytes += tensor.nbytes
+        return views[key]
 
     def reset_stats(self) -> None:
         """Zero ``packed_bytes`` and ``original_bytes``."""
