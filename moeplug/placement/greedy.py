@@ -1,0 +1,95 @@
+"""Greedy placement: EPLB-style replicas and balanced packing, steered by routing affinity.
+
+Per layer: (1) hand the `replicas` extra slots one at a time to the expert with the highest load
+per copy (DeepSeek EPLB's rule); (2) place copies heaviest first, each on a rank with a free slot
+that holds no copy of it yet (if any), among ranks that stay within `tolerance` of the mean load (or the
+least loaded rank when none does), preferring the rank where the copy saves most traffic:
+  - context_coherent: tokens arriving from the previous layer's experts already on that rank;
+  - standard: tokens of this layer whose other choice is already on that rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cost import TRAFFIC_MODELS
+from .plan import Placement
+from .trace import RoutingTrace
+
+
+def replica_counts(load: torch.Tensor, slots: int, max_copies: int) -> torch.Tensor:
+    """Copies per expert: one each, then extra ones to the highest load per copy, until `slots`."""
+    copies = torch.ones(len(load), dtype=torch.long)
+    if slots < len(load) or slots > len(load) * max_copies:
+        raise ValueError(f"{slots} slots cannot hold {len(load)} experts with at most {max_copies} copies each")
+    for _ in range(slots - len(load)):
+        per_copy = torch.where(copies < max_copies, load / copies, -1.0)
+        copies[int(per_copy.argmax())] += 1
+    return copies
+
+
+def _pack_layer(load: torch.Tensor, copies: torch.Tensor, ranks: int, per_rank: int, tolerance: float,
+                affinity) -> torch.Tensor:
+    """[P, S] slots for one layer; affinity(expert, table, filled) -> [P] tokens saved per rank."""
+    units = [(float(load[e]) / int(copies[e]), e) for e in range(len(load)) for _ in range(int(copies[e]))]
+    units.sort(key=lambda unit: (-unit[0], unit[1]))
+    table = torch.full((ranks, per_rank), -1, dtype=torch.long)
+    filled = torch.zeros(ranks, dtype=torch.long)
+    rank_load = torch.zeros(ranks, dtype=torch.float64)
+    cap = (1 + tolerance) * float(load.sum()) / ranks
+    for weight, expert in units:
+        open_ = filled < per_rank
+        fresh = open_ & ~(table == expert).any(1)
+        if bool(fresh.any()):  # two copies on one rank balance nothing; only when no other rank is free
+            open_ = fresh
+        within = open_ & (rank_load + weight <= cap)
+        if not bool(within.any()):  # nothing fits under the cap: the least loaded open rank
+            within = open_ & (rank_load == rank_load[open_].min())
+        gain = affinity(expert, table, filled)
+        # Most traffic saved first, then the least loaded rank (lexicographic through a large offset).
+        score = torch.where(within, gain * (1 + float(load.sum())) - rank_load, float("-inf"))
+        rank = int(score.argmax())
+        table[rank, filled[rank]] = expert
+        filled[rank] += 1
+        rank_load[rank] += weight
+    return table
+
+
+def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_model: str = "context_coherent",
+                tolerance: float = 0.05) -> Placement:
+    """Place every layer's experts on `ep_size` ranks, layer by layer (see the module docstring).
+
+    Args:
+        replicas: extra expert copies per layer; (num_experts + replicas) must divide by ep_size.
+        traffic_model: which traffic the affinity term saves ("context_coherent" or "standard").
+        tolerance: a rank may exceed the mean load by this fraction before balance overrides affinity.
+    """
+    if traffic_model not in TRAFFIC_MODELS:
+        raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
+    experts = trace.num_experts
+    if (experts + replicas) % ep_size or replicas < 0:
+        raise ValueError(f"num_experts + replicas = {experts} + {replicas} must be a multiple of ep_size={ep_size}")
+    per_rank = (experts + replicas) // ep_size
+    layers: list[torch.Tensor] = []
+    for layer in range(trace.num_layers):
+        load = trace.counts[layer]
+        copies = replica_counts(load, experts + replicas, ep_size)
+        if traffic_model == "context_coherent" and layer > 0:
+            previous = Placement(torch.stack(layers[-1:]), experts).rank_share()[0]  # [E, P]
+            arriving = trace.transitions[layer - 1].T @ previous  # [E, P] tokens reaching e from rank r
+
+            def affinity(expert, table, filled, arriving=arriving, copies=copies):
+                return arriving[expert] / copies[expert]
+        elif traffic_model == "standard":
+            together = trace.pairs[layer].clone().fill_diagonal_(0)
+
+            def affinity(expert, table, filled, together=together):
+                held = torch.where(table >= 0, table, expert)  # empty slots point at the expert itself
+                return together[expert][held].sum(1)
+        else:
+            def affinity(expert, table, filled):
+                return torch.zeros(ep_size, dtype=torch.float64)
+        layers.append(_pack_layer(load, copies, ep_size, per_rank, tolerance, affinity))
+    return Placement(torch.stack(layers), experts, list(trace.layer_names),
+                     {"planner": "greedy", "replicas": replicas, "traffic_model": traffic_model,
+                      "tolerance": tolerance})

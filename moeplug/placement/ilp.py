@@ -1,0 +1,122 @@
+"""Joint placement of all layers by mixed-integer programming (scipy.optimize.milp, HiGHS).
+
+Variables: x[l, e, r] = 1 when expert e of layer l lives on rank r (one copy per expert, exactly
+S = E/P experts per rank and layer); M[l] >= every rank's load in layer l; and for each affine
+pair (weight w > 0) a co-location indicator c[pair, r] <= both x's, which the objective pushes up:
+  - context_coherent: pairs (e at l, e' at l+1) weighted by the trace's transitions;
+  - standard: pairs (e, e') of one layer weighted by tokens choosing both, times (P-1)/P.
+Minimise  sum(w) - sum(w * c) + balance_weight * sum_l M[l]  -- the same number as
+`cost.objective` (exact for top_k <= 2), so the result is compared with the greedy plan on it and
+the better one returned: the ILP never does worse than greedy. Pairs lighter than `min_pair_share`
+of a layer's weight are left out to keep the model small (they count as always apart).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_matrix
+
+from .cost import TRAFFIC_MODELS, objective
+from .greedy import greedy_plan
+from .plan import Placement
+from .trace import RoutingTrace
+
+
+def _pairs(trace: RoutingTrace, traffic_model: str, ranks: int, min_pair_share: float):
+    """(layer_a, e, layer_b, e', weight) for the affine pairs kept in the model."""
+    found = []
+    if traffic_model == "context_coherent":
+        for layer, moves in enumerate(trace.transitions):
+            found += [(layer, e, layer + 1, f, w) for (e, f), w in _heavy(moves, min_pair_share)]
+    else:
+        for layer, together in enumerate(trace.pairs):
+            upper = torch.triu(together, diagonal=1) * (ranks - 1) / ranks
+            found += [(layer, e, layer, f, w) for (e, f), w in _heavy(upper, min_pair_share)]
+    return found
+
+
+def _heavy(matrix: torch.Tensor, min_share: float):
+    keep = matrix > min_share * float(matrix.sum())
+    return [((int(e), int(f)), float(matrix[e, f])) for e, f in keep.nonzero().tolist()]
+
+
+def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_coherent", balance_weight: float = 1.0,
+             time_limit: float = 10.0, min_pair_share: float = 1e-3) -> Placement:
+    """Solve the placement MILP (see the module docstring); returns the better of it and greedy.
+
+    `info` of the result reports the solver status, its optimality gap (`mip_gap`, relative; 0 when
+    proven optimal), both objectives and which plan won.
+    """
+    if traffic_model not in TRAFFIC_MODELS:
+        raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
+    layers, experts = trace.num_layers, trace.num_experts
+    if experts % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide num_experts={experts} (the ILP places one copy per expert)")
+    per_rank = experts // ep_size
+    pairs = _pairs(trace, traffic_model, ep_size, min_pair_share)
+    num_x = layers * experts * ep_size
+    num_c = len(pairs) * ep_size
+    num_vars = num_x + num_c + layers
+    x = lambda l, e, r: (l * experts + e) * ep_size + r  # noqa: E731
+    m_var = lambda l: num_x + num_c + l  # noqa: E731
+
+    cost = np.zeros(num_vars)
+    rows, cols, vals, lower, upper = [], [], [], [], []
+
+    def constraint(entries, lo, hi):
+        row = len(lower)
+        for col, val in entries:
+            rows.append(row)
+            cols.append(col)
+            vals.append(val)
+        lower.append(lo)
+        upper.append(hi)
+
+    for l in range(layers):
+        for e in range(experts):  # each expert on exactly one rank
+            constraint([(x(l, e, r), 1.0) for r in range(ep_size)], 1, 1)
+        for r in range(ep_size):  # S experts per rank; the layer's bottleneck M[l] >= every rank's load
+            constraint([(x(l, e, r), 1.0) for e in range(experts)], per_rank, per_rank)
+            constraint([(x(l, e, r), float(trace.counts[l, e])) for e in range(experts)] + [(m_var(l), -1.0)],
+                       -np.inf, 0)
+        cost[m_var(l)] = balance_weight
+    for index, (la, e, lb, f, weight) in enumerate(pairs):
+        for r in range(ep_size):
+            c = num_x + index * ep_size + r
+            cost[c] = -weight
+            constraint([(c, 1.0), (x(la, e, r), -1.0)], -np.inf, 0)
+            constraint([(c, 1.0), (x(lb, f, r), -1.0)], -np.inf, 0)
+    matrix = coo_matrix((vals, (rows, cols)), shape=(len(lower), num_vars)).tocsr()
+    integrality = np.zeros(num_vars)
+    integrality[:num_x] = 1
+    low, high = np.zeros(num_vars), np.ones(num_vars)
+    high[num_x + num_c:] = np.inf
+    low[x(0, 0, 0)] = 1  # ranks are interchangeable: pin expert 0 of layer 0 to rank 0
+    started = time.perf_counter()
+    result = milp(cost, constraints=LinearConstraint(matrix, lower, upper), integrality=integrality,
+                  bounds=Bounds(low, high), options={"time_limit": time_limit})
+    seconds = time.perf_counter() - started
+
+    greedy = greedy_plan(trace, ep_size, traffic_model=traffic_model)
+    greedy_value = objective(trace, greedy, traffic_model, balance_weight)
+    info = {"planner": "ilp", "traffic_model": traffic_model, "balance_weight": balance_weight,
+            "status": result.message, "solve_s": round(seconds, 3), "pairs": len(pairs),
+            "mip_gap": getattr(result, "mip_gap", None), "greedy_objective": greedy_value}
+    if result.x is None:
+        greedy.info.update(info, used="greedy (no ILP solution within the time limit)", ilp_objective=None)
+        return greedy
+    assign = result.x[:num_x].reshape(layers, experts, ep_size).argmax(-1)
+    slots = torch.stack([torch.stack([torch.nonzero(torch.from_numpy(assign[l] == r)).flatten()
+                                      for r in range(ep_size)]) for l in range(layers)])
+    plan = Placement(slots, experts, list(trace.layer_names), info)
+    value = objective(trace, plan, traffic_model, balance_weight)
+    info["ilp_objective"] = value
+    if value > greedy_value:
+        greedy.info.update(info, used="greedy (better than the ILP's incumbent)")
+        return greedy
+    info["used"] = "ilp"
+    return plan
