@@ -5,7 +5,6 @@ to it, and draining an adapter's in-flight requests before it is unloaded.
 from __future__ import annotations
 
 import asyncio
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,29 +44,30 @@ def resolve_under_root(root: Path | None, path: str) -> Path:
 
 
 class AdapterUsage:
-    """Counts the server's in-flight requests per adapter so an unload can refuse new ones and wait for the rest.
+    """The server's in-flight requests per adapter, so an unload can refuse new ones, wait for the running
+    ones and abort those still running at its deadline.
 
     Used from the event loop only, so it needs no lock.
     """
 
     def __init__(self):
-        self._active: Counter[str] = Counter()
+        self._active: dict[str, set[str]] = {}
         self._idle: dict[str, asyncio.Event] = {}
         self._draining: set[str] = set()
 
     @contextmanager
-    def hold(self, name: str | None) -> Iterator[None]:
-        """Mark one request of adapter ``name`` (None: the base model, not tracked) in flight while inside."""
+    def hold(self, name: str | None, request_id: str) -> Iterator[None]:
+        """Mark request ``request_id`` of adapter ``name`` (None: the base model, not tracked) in flight."""
         if name is None:
             yield
             return
         if name in self._draining:
             raise APIError(404, f"adapter {name!r} is being unloaded", param="model", code="model_not_found")
-        self._active[name] += 1
+        self._active.setdefault(name, set()).add(request_id)
         try:
             yield
         finally:
-            self._active[name] -= 1
+            self._active[name].discard(request_id)
             if not self._active[name]:
                 del self._active[name]
                 if name in self._idle:
@@ -84,12 +84,12 @@ class AdapterUsage:
         finally:
             self._draining.discard(name)
 
-    async def wait_idle(self, name: str, timeout: float) -> int:
-        """Wait up to ``timeout`` seconds for ``name``'s requests to finish; return how many are still running."""
-        if self._active[name]:
+    async def wait_idle(self, name: str, timeout: float) -> set[str]:
+        """Wait up to ``timeout`` seconds for ``name``'s requests to finish; return the ids still running."""
+        if name in self._active:
             idle = self._idle.setdefault(name, asyncio.Event())
             try:
                 await asyncio.wait_for(idle.wait(), timeout)
             except TimeoutError:
                 pass
-        return self._active[name]
+        return set(self._active.get(name, ()))

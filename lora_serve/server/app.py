@@ -37,6 +37,7 @@ from .protocol import (
 from .serving import OpenAIServing
 
 _bearer = HTTPBearer(auto_error=False)
+_ABORT_GRACE_S = 5.0  # how long an unload waits for the streams it aborted to end
 
 
 def _serving(request: Request) -> OpenAIServing:
@@ -111,10 +112,15 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) 
         raise APIError(404, f"no adapter named {name!r} is loaded", param="lora_name", code="model_not_found")
     timeout = serving.config.unload_timeout if body.timeout is None else body.timeout
     with serving.usage.draining(name):
-        still_running = await serving.usage.wait_idle(name, timeout)
-        # abort_requests=True ends whatever the wait left running; those streams get a 503 error event.
+        running = await serving.usage.wait_idle(name, timeout)
+        for request_id in running:
+            serving.engine.abort(request_id)  # their clients get a 503 "request_aborted" error
+        # The aborts land at the engine's next step, which ends their streams.
+        await serving.usage.wait_idle(name, _ABORT_GRACE_S)
+        # Normally nothing uses the adapter by now; abort_requests=True covers an engine step slower than
+        # the grace period (it ends the same requests directly).
         await serving.engine.remove_adapter(name, abort_requests=True)
-    return UnloadedAdapter(id=name, aborted_requests=still_running)
+    return UnloadedAdapter(id=name, aborted_requests=len(running))
 
 
 def _adapter_card(serving: OpenAIServing, info: AdapterInfo, created: int) -> ModelCard:

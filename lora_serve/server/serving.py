@@ -152,8 +152,9 @@ class OpenAIServing:
         """The requested bound, else the server default cut to what the context has left."""
         if request.requested_max_tokens is not None:
             return request.requested_max_tokens
-        room = (self.engine.engine.max_context or 0) - prompt_tokens
-        return min(self.config.default_max_tokens, room) if room > 0 else self.config.default_max_tokens
+        default, context = self.config.default_max_tokens, self.engine.engine.max_context
+        # At least 1, so that a prompt filling the context gets the engine's "exceeds the context" error.
+        return max(1, min(default, context - prompt_tokens)) if context else default
 
     def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         if self.tokenizer is None:
@@ -177,22 +178,26 @@ class OpenAIServing:
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", request.model)
         return await self._answer(request, adapter, prompt_ids, params, fmt)
 
-    async def _answer(self, request, adapter, prompt_ids, params, fmt):
-        outputs = await self._start(request.model, adapter, prompt_ids, params)
+    async def _answer(
+        self, request, adapter: str | None, prompt_ids: list[int], params: SamplingParams,
+        fmt: CompletionFormat | ChatFormat,
+    ) -> BaseModel | AsyncIterator[str]:
+        outputs = await self._start(request.model, adapter, prompt_ids, params, fmt.id)
         if request.stream:
             return self._events(outputs, fmt, len(prompt_ids), request.include_usage)
         text, tokens, finish_reason = [], 0, None
-        async for output in outputs:
-            if output.finish_reason is FinishReason.ABORT:
-                raise _aborted()
-            text.append(output.text)
-            tokens += len(output.token_ids)
-            finish_reason = output.finish_reason
+        async with aclosing(outputs):
+            async for output in outputs:
+                if output.finish_reason is FinishReason.ABORT:
+                    raise _aborted()
+                text.append(output.text)
+                tokens += len(output.token_ids)
+                finish_reason = output.finish_reason
         return fmt.response("".join(text), finish_reason.value, Usage.of(len(prompt_ids), tokens))
 
-    async def _start(self, model, adapter, prompt_ids, params) -> AsyncIterator[RequestOutput]:
+    async def _start(self, model, adapter, prompt_ids, params, request_id: str) -> AsyncIterator[RequestOutput]:
         """Submit the request and wait for its first output, so that a bad request fails before any reply."""
-        outputs = self._outputs(model, adapter, prompt_ids, params)
+        outputs = self._outputs(model, adapter, prompt_ids, params, request_id)
         try:
             first = await anext(outputs)
         except KeyError as err:  # the adapter was removed between resolve_model and submit
@@ -201,9 +206,10 @@ class OpenAIServing:
             raise APIError(400, str(err), param="prompt") from err
         return _prepend(first, outputs)
 
-    async def _outputs(self, model, adapter, prompt_ids, params) -> AsyncIterator[RequestOutput]:
-        with self.usage.hold(adapter):
-            tracked = self.metrics.track(model, len(prompt_ids), self.engine.stream(prompt_ids, params, adapter))
+    async def _outputs(self, model, adapter, prompt_ids, params, request_id) -> AsyncIterator[RequestOutput]:
+        with self.usage.hold(adapter, request_id):
+            stream = self.engine.stream(prompt_ids, params, adapter, request_id)
+            tracked = self.metrics.track(model, len(prompt_ids), stream)
             try:
                 async with aclosing(tracked):
                     async for output in tracked:

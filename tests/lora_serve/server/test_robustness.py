@@ -188,12 +188,24 @@ def test_unload_after_timeout_aborts_only_that_adapters_requests(setup, lora, se
     assert _unload(server, serve, "ad3").status_code == 404
 
 
+def test_unloading_the_adapter_of_the_only_running_request_ends_its_stream(setup, serve, slow_steps):
+    # Nothing else runs, so the engine has no other work that would flush a pending abort.
+    server = setup[-1]
+    doomed = server.openai().completions.create(model="ad5", prompt=PROMPT, stream=True, **LONG_CLIENT)
+    next(doomed)
+    assert _unload(server, serve, "ad5").json()["aborted_requests"] == 1
+    with pytest.raises(openai.APIError, match="aborted"):
+        list(doomed)
+    server.wait_until_idle()
+    assert server.metric("lora_serve_requests_total", model="ad5", finish_reason="abort") == 1
+
+
 def test_concurrent_streams_over_many_adapters_with_hot_load_and_unload(setup, serve):
     server = setup[-1]
     client = server.async_openai()
-    adapters = [f"ad{i}" for i in range(5, NUM_ADAPTERS - 2)]
+    adapters = [f"ad{i}" for i in range(10, NUM_ADAPTERS - 2)]  # ad5..ad9 are for the single tests
     loads_before = server.metric("lora_serve_adapter_loads_total")
-    tokens_before = server.metric("lora_serve_generation_tokens_total", model="ad5")
+    tokens_before = server.metric("lora_serve_generation_tokens_total", model="ad10")
 
     async def one(i):
         stream = await client.completions.create(model=adapters[i % len(adapters)], prompt=f"{PROMPT} {i}",
@@ -219,7 +231,7 @@ def test_concurrent_streams_over_many_adapters_with_hot_load_and_unload(setup, s
     stats = server.engine.stats()
     assert stats.pool.free + stats.pool.adapters == stats.pool.total
     assert server.metric("lora_serve_adapter_loads_total") > loads_before
-    assert server.metric("lora_serve_generation_tokens_total", model="ad5") == tokens_before + 3 * 6
+    assert server.metric("lora_serve_generation_tokens_total", model="ad10") == tokens_before + 3 * 6  # i = 0, 88, 176
     assert server.metric("lora_serve_pool_slots", use="kv") == 0
     assert server.metric("lora_serve_requests_waiting") == 0
     assert server.metric("lora_serve_request_latency_seconds_count") >= 200
