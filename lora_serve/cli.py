@@ -94,10 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if unknown:
             parser.error(f"{args.config}: unknown options {unknown}")
         adapters = values.get("adapters") or []
-        if isinstance(adapters, dict):
-            values["adapters"] = list(adapters.items())
-        else:
-            values["adapters"] = [_adapter_arg(item) for item in adapters]
+        try:
+            pairs = adapters.items() if isinstance(adapters, dict) else map(_adapter_arg, adapters)
+            values["adapters"] = list(pairs)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"{args.config}: adapters: {err}")
         if values.get("adapter_root") is not None:
             values["adapter_root"] = Path(values["adapter_root"])
         parser.set_defaults(**values)

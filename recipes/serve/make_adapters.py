@@ -3,7 +3,7 @@
     python recipes/serve/make_adapters.py --out /tmp/lora_serve_adapters --count 8
 
 The adapters are random (PEFT's own A init, a small random B instead of PEFT's zeros, so each adapter
-changes the output; at 0.1 SmolLM2's text stays fluent); ranks cycle through 8/16/32 and targets through three sets of projections.
+changes the output); ranks cycle through 8/16/32 and targets through three sets of projections.
 Replace them with your trained adapters: any directory PEFT's ``save_pretrained`` wrote will do.
 """
 

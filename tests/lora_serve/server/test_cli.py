@@ -55,7 +55,9 @@ def test_cli_serves_adapters_and_shuts_down_gracefully(tmp_path, lora, serve):
     lora.save_adapter(base, tmp_path / "root" / "a", 8, ["q_proj", "v_proj"], seed=1)
     lora.save_adapter(base, tmp_path / "elsewhere" / "b", 4, ["o_proj"], seed=2)
     config = tmp_path / "serve.yaml"
-    config.write_text(f"model: {tmp_path / 'model'}\npool_slots: 4000\nadapters:\n  b: {tmp_path / 'elsewhere' / 'b'}\n")
+    config.write_text(
+        f"model: {tmp_path / 'model'}\npool_slots: 4000\nadapters:\n  b: {tmp_path / 'elsewhere' / 'b'}\n"
+    )
 
     command = [sys.executable, "-m", "lora_serve", "--config", str(config), "--adapter-root", str(tmp_path / "root"),
                "--port", "0", "--api-key", "secret", "--served-model-name", "tiny"]
