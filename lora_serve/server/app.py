@@ -146,7 +146,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        """200 while the engine's step loop runs; 503 once it has failed."""
+        """200, or 503 once a request has found the engine's step loop dead (it then fails every request)."""
         failure = app.state.serving.engine_failure
         if failure is not None:
             return APIError(503, f"the engine failed: {failure.__cause__!r}", type="server_error").response()

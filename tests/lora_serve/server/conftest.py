@@ -96,12 +96,15 @@ class RunningServer:
         assert not self.thread.is_alive(), "server did not stop"
 
 
-def start_server(engine: Engine, config: ServerConfig) -> RunningServer:
-    """Serve ``engine`` on a free loopback port; returns once the server accepts connections."""
+def start_server(engine: Engine, config: ServerConfig, shutdown_timeout: float = 5) -> RunningServer:
+    """Serve ``engine`` on a free loopback port; returns once the server accepts connections.
+
+    On ``stop()`` in-flight requests get ``shutdown_timeout`` seconds to finish before they are cancelled.
+    """
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))  # bound before uvicorn starts, so no other process can take the port
     server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, config), log_level="warning", timeout_graceful_shutdown=5)
+        uvicorn.Config(create_app(engine, config), log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
