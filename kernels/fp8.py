@@ -17,9 +17,10 @@ have the input's shape and no padding is ever stored. Two formats:
   the relative step of the dequantised values 16x finer than plain E4M3's.
 
 Each op exists as ``<op>_torch`` (plain torch, any device, here) and ``<op>_triton`` (Triton kernel, in
-:mod:`kernels._fp8_triton`) with the same signature; ``<op>`` dispatches through :mod:`kernels.backend`. Group sizes must be powers of two
-(a Triton block dimension). The plain ops match bit for bit across backends; the expanded ones use
-fp32 ``log2``/``exp2``, whose last bit differs between libraries, so a code may differ by one step.
+:mod:`kernels._fp8_triton`) with the same signature; ``<op>`` dispatches through :mod:`kernels.backend`.
+Group sizes must be powers of two (a Triton block dimension). The plain ops match bit for bit across
+backends; the expanded ones use fp32 ``log2``/``exp2``, whose last bit differs between libraries, so a
+code may differ by one step.
 """
 
 import math

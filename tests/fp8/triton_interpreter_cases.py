@@ -79,7 +79,8 @@ def test_public_ops_dispatch_to_triton_when_forced():
         codes, scales = fp8.quantize_fp8(x, 16)
         restored = fp8.dequantize_fp8_expanded(*fp8.quantize_fp8_expanded(x, 128), 128)
     assert torch.equal(codes.view(torch.uint8), fp8_triton.quantize_fp8_triton(x, 16)[0].view(torch.uint8))
-    assert torch.equal(restored, fp8_triton.dequantize_fp8_expanded_triton(*fp8_triton.quantize_fp8_expanded_triton(x, 128), 128))
+    packed = fp8_triton.quantize_fp8_expanded_triton(x, 128)
+    assert torch.equal(restored, fp8_triton.dequantize_fp8_expanded_triton(*packed, 128))
 
 
 def test_empty_tensor():
