@@ -43,8 +43,8 @@ def test_50_steps_track_torch_adamw_with_resync():
             if p.numel() < 4096:  # fp32 state: the same arithmetic as torch, bit for bit
                 assert torch.equal(p, q) and torch.equal(m, ref_m) and torch.equal(v, ref_v)
             else:
-                # Worst over the 50 steps, measured: max |Δp| 0.15·lr, mean 0.008·lr; exp_avg error 8% of
-                # the tensor's largest moment (median 3.7% relative); exp_avg_sq median 2.5% relative,
+                # Worst over the 50 steps, measured: max |Δp| 0.14·lr, mean 0.008·lr; exp_avg error 8.5% of
+                # the tensor's largest moment (median 3.7% relative); exp_avg_sq median 2.6% relative,
                 # max 44% on the tiniest values of groups spanning many decades (k < 1 there).
                 err = (p - q).abs()
                 assert err.max() <= 0.3 * lr and err.mean() <= 0.02 * lr
