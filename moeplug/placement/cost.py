@@ -111,7 +111,7 @@ def standard_cost(trace: RoutingTrace, plan: Placement, row_bytes: float = 1.0, 
     traffic = float(per_layer.sum())
     # Dispatch and combine move the same rows in opposite directions.
     time_s = 2 * _exchange_time(sent, received, row_bytes, bandwidth)
-    return Cost("standard", load, traffic, per_layer, 2 * traffic * row_bytes, time_s)
+    return Cost("standard" if dedup else "standard_rows", load, traffic, per_layer, 2 * traffic * row_bytes, time_s)
 
 
 def context_coherent_cost(trace: RoutingTrace, plan: Placement, row_bytes: float = 1.0,

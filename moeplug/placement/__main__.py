@@ -1,0 +1,5 @@
+"""`python -m moeplug.placement`: see `moeplug.placement.cli`."""
+
+from .cli import main
+
+main()
