@@ -16,12 +16,10 @@ deterministic. DeepSpeed needs an initialised process group, so this runs in one
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from moeplug import MoEConfig, MoELayer, route
@@ -102,12 +100,9 @@ def _worker(rank: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def test_moe_layer_matches_deepspeed_moe(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def test_moe_layer_matches_deepspeed_moe(tmp_path, spawn):
     path = str(tmp_path / "cases.pt")
-    mp.spawn(_worker, args=(port, path), nprocs=1, join=True)
+    spawn(_worker, 1, path)
     cases = torch.load(path)
     assert cases["k2-cf0.5-train"]["dropped"] > 0 and cases["k2-cfNone-train"]["dropped"] == 0
     for name, case in cases.items():

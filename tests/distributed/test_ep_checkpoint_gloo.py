@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 
 import moeplug
@@ -27,7 +25,7 @@ def _trained_weights(model) -> None:
                 param.mul_(1.5).add_(0.01)
 
 
-def _worker(rank: int, world: int, port: int, directory: str) -> None:
+def _worker(rank: int, port: int, world: int, directory: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -41,11 +39,8 @@ def _worker(rank: int, world: int, port: int, directory: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ep2_checkpoint_loads_at_ep1_and_exports_to_transformers(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+def test_ep2_checkpoint_loads_at_ep1_and_exports_to_transformers(tmp_path, spawn):
+    spawn(_worker, 2, 2, str(tmp_path))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
         "experts-00000-of-00002.safetensors", "experts-00001-of-00002.safetensors", "moeplug.json",
         "replicated.safetensors"]

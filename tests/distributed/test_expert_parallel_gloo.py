@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import moeplug
 from moeplug import MoEConfig, MoELayer
@@ -57,7 +55,7 @@ def _layer_case(world: int, ep_size: int, options: dict) -> dict:
     return {"out": out.detach(), "dx": x.grad, "grads": grads, "local_experts": (local.start, local.stop)}
 
 
-def _worker(rank: int, world: int, port: int, case: str, ep_size: int, options: dict, path: str) -> None:
+def _worker(rank: int, port: int, world: int, case: str, ep_size: int, options: dict, path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -90,12 +88,9 @@ def _hf_case(ep_size: int) -> dict:
     return {"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": _grads(model)}
 
 
-def _spawn(world: int, case: str, ep_size: int, options: dict, tmp_path) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def _run(spawn, world: int, case: str, ep_size: int, options: dict, tmp_path) -> list[dict]:
     path = str(tmp_path / "result")
-    mp.spawn(_worker, args=(world, port, case, ep_size, options, path), nprocs=world, join=True)
+    spawn(_worker, world, world, case, ep_size, options, path)
     return [torch.load(f"{path}.{rank}") for rank in range(world)]
 
 
@@ -105,8 +100,8 @@ def _spawn(world: int, case: str, ep_size: int, options: dict, tmp_path) -> list
     (4, 2, {"capacity_factor": 0.75}),
     (2, 2, {"starve_last_rank": True}),
 ])
-def test_moe_layer_expert_parallel_matches_ep1(tmp_path, world, ep_size, options):
-    results = _spawn(world, "layer", ep_size, options, tmp_path)
+def test_moe_layer_expert_parallel_matches_ep1(tmp_path, spawn, world, ep_size, options):
+    results = _run(spawn, world, "layer", ep_size, options, tmp_path)
     reference = _layer(1, **{k: v for k, v in options.items() if k != "starve_last_rank"})
     if options.get("starve_last_rank"):
         with torch.no_grad():
@@ -130,10 +125,10 @@ def test_moe_layer_expert_parallel_matches_ep1(tmp_path, world, ep_size, options
         torch.testing.assert_close(result["grads"]["router.weight"], ref["router.weight"], atol=1e-4, rtol=0)
 
 
-def test_allreduce_gradients_gives_the_mean_objective(tmp_path):
+def test_allreduce_gradients_gives_the_mean_objective(tmp_path, spawn):
     """World 4 = 2 EP groups x 2: after the sync every rank holds grads of mean_r(loss_r)."""
     world, ep_size = 4, 2
-    results = _spawn(world, "sync", ep_size, {}, tmp_path)
+    results = _run(spawn, world, "sync", ep_size, {}, tmp_path)
     reference = _layer(1)
     for rank in range(world):
         x, grad = _rank_tokens(rank)
@@ -146,8 +141,8 @@ def test_allreduce_gradients_gives_the_mean_objective(tmp_path):
             torch.testing.assert_close(g, expected, atol=1e-5, rtol=0, msg=f"rank {rank} {name}")
 
 
-def test_patched_hf_model_expert_parallel_matches_transformers(tmp_path):
-    results = _spawn(2, "hf", 2, {}, tmp_path)
+def test_patched_hf_model_expert_parallel_matches_transformers(tmp_path, spawn):
+    results = _run(spawn, 2, "hf", 2, {}, tmp_path)
     for rank, result in enumerate(results):
         reference = tiny_model("mixtral").train()
         ids = torch.randint(3, 96, (2, 6 + rank), generator=torch.Generator().manual_seed(rank))

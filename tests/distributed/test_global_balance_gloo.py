@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from moeplug import BalanceController, MoEConfig, MoELayer
 
@@ -61,15 +59,9 @@ def _worker(rank: int, port: int, result_path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_two_ranks_equal_one_process_on_concatenated_batches(tmp_path):
+def test_two_ranks_equal_one_process_on_concatenated_batches(tmp_path, spawn):
     result_path = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(_free_port(), result_path), nprocs=RANKS, join=True)
+    spawn(_worker, RANKS, result_path)
     distributed = torch.load(result_path)
 
     single = _layer()
