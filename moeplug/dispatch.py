@@ -4,8 +4,8 @@ Each rank of an expert-parallel (EP) group of size P holds S expert slots. By de
 r owns the contiguous block [r*E/P, (r+1)*E/P). A placement (`moeplug.placement`) gives instead a
 `slots` table [P, S] naming the expert held in each slot; an expert may sit in several slots
 (replicas), and then a token's assignment goes to copy (token + ep_rank) mod copies, which splits
-the expert's tokens evenly over its copies without any communication. A rank routes its own tokens, sends each (token, choice) row to the rank
-owning the chosen expert, runs its local experts on what it receives, and sends the results back,
+the expert's tokens evenly over its copies without any communication. A rank routes its own
+tokens, sends each (token, choice) row to the rank owning the chosen expert, runs its local experts on what it receives, and sends the results back,
 where the gate weights are applied and the k choices summed. Both all-to-alls use
 `all_to_all_single` with per-rank split sizes (the list form fails with uneven sizes under gloo)
 and are differentiable, so backward runs the mirror-image exchange.
@@ -68,10 +68,6 @@ class ExpertParallel:
         if self.slots is None:
             return range(self.ep_rank * self.experts_per_rank, (self.ep_rank + 1) * self.experts_per_rank)
         return tuple(self.slots[self.ep_rank].tolist())
-
-    def owner(self, expert_ids: torch.Tensor) -> torch.Tensor:
-        """EP rank holding each expert id (contiguous layout); ids >= num_experts (dropped) map to ep_size."""
-        return torch.where(expert_ids < self.num_experts, expert_ids // self.experts_per_rank, self.ep_size)
 
     def slot_of(self, expert_ids: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
         """Flat slot (rank * S + local slot) serving each assignment; dropped ids (>= E) map to P * S.

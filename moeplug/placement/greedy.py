@@ -28,9 +28,29 @@ def replica_counts(load: torch.Tensor, slots: int, max_copies: int) -> torch.Ten
     return copies
 
 
+def _affinity(trace: RoutingTrace, layer: int, previous: torch.Tensor | None, copies: torch.Tensor,
+              traffic_model: str, ranks: int):
+    """affinity(expert, table) -> [P] tokens a copy of `expert` saves on each rank, given the slots so far."""
+    if traffic_model == "standard":
+        together = trace.pairs[layer].clone().fill_diagonal_(0)
+
+        def colocated(expert: int, table: torch.Tensor) -> torch.Tensor:
+            held = torch.where(table >= 0, table, expert)  # empty slots point at the expert: weight 0
+            return together[expert][held].sum(1)
+        return colocated
+    if previous is None:  # context-coherent, first layer: nothing to follow yet
+        return lambda expert, table: torch.zeros(ranks, dtype=torch.float64)
+    share = Placement(previous.unsqueeze(0), trace.num_experts).rank_share()[0]  # [E, P]
+    arriving = trace.transitions[layer - 1].T @ share  # [E, P] tokens reaching e from each rank
+
+    def followed(expert: int, table: torch.Tensor) -> torch.Tensor:
+        return arriving[expert] / copies[expert]  # each copy serves its share of the arrivals
+    return followed
+
+
 def _pack_layer(load: torch.Tensor, copies: torch.Tensor, ranks: int, per_rank: int, tolerance: float,
                 affinity) -> torch.Tensor:
-    """[P, S] slots for one layer; affinity(expert, table, filled) -> [P] tokens saved per rank."""
+    """[P, S] slots for one layer (see `_affinity`)."""
     units = [(float(load[e]) / int(copies[e]), e) for e in range(len(load)) for _ in range(int(copies[e]))]
     units.sort(key=lambda unit: (-unit[0], unit[1]))
     table = torch.full((ranks, per_rank), -1, dtype=torch.long)
@@ -45,7 +65,7 @@ def _pack_layer(load: torch.Tensor, copies: torch.Tensor, ranks: int, per_rank: 
         within = open_ & (rank_load + weight <= cap)
         if not bool(within.any()):  # nothing fits under the cap: the least loaded open rank
             within = open_ & (rank_load == rank_load[open_].min())
-        gain = affinity(expert, table, filled)
+        gain = affinity(expert, table)
         # Most traffic saved first, then the least loaded rank (lexicographic through a large offset).
         score = torch.where(within, gain * (1 + float(load.sum())) - rank_load, float("-inf"))
         rank = int(score.argmax())
@@ -74,21 +94,8 @@ def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_mo
     for layer in range(trace.num_layers):
         load = trace.counts[layer]
         copies = replica_counts(load, experts + replicas, ep_size)
-        if traffic_model == "context_coherent" and layer > 0:
-            previous = Placement(torch.stack(layers[-1:]), experts).rank_share()[0]  # [E, P]
-            arriving = trace.transitions[layer - 1].T @ previous  # [E, P] tokens reaching e from rank r
-
-            def affinity(expert, table, filled, arriving=arriving, copies=copies):
-                return arriving[expert] / copies[expert]
-        elif traffic_model == "standard":
-            together = trace.pairs[layer].clone().fill_diagonal_(0)
-
-            def affinity(expert, table, filled, together=together):
-                held = torch.where(table >= 0, table, expert)  # empty slots point at the expert itself
-                return together[expert][held].sum(1)
-        else:
-            def affinity(expert, table, filled):
-                return torch.zeros(ep_size, dtype=torch.float64)
+        previous = layers[-1] if layers else None
+        affinity = _affinity(trace, layer, previous, copies, traffic_model, ep_size)
         layers.append(_pack_layer(load, copies, ep_size, per_rank, tolerance, affinity))
     return Placement(torch.stack(layers), experts, list(trace.layer_names),
                      {"planner": "greedy", "replicas": replicas, "traffic_model": traffic_model,

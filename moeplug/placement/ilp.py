@@ -61,8 +61,12 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
     num_x = layers * experts * ep_size
     num_c = len(pairs) * ep_size
     num_vars = num_x + num_c + layers
-    x = lambda l, e, r: (l * experts + e) * ep_size + r  # noqa: E731
-    m_var = lambda l: num_x + num_c + l  # noqa: E731
+
+    def x(layer: int, expert: int, rank: int) -> int:  # column of x[layer, expert, rank]
+        return (layer * experts + expert) * ep_size + rank
+
+    def m_var(layer: int) -> int:  # column of M[layer]
+        return num_x + num_c + layer
 
     cost = np.zeros(num_vars)
     rows, cols, vals, lower, upper = [], [], [], [], []
