@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -38,6 +38,7 @@ from .serving import OpenAIServing
 
 _bearer = HTTPBearer(auto_error=False)
 _ABORT_GRACE_S = 5.0  # how long an unload waits for the streams it aborted to end
+_DISCONNECT_POLL_S = 0.25
 
 
 def _serving(request: Request) -> OpenAIServing:
@@ -57,8 +58,22 @@ def _check_api_key(
                        code="invalid_api_key")
 
 
-def _respond(answer: BaseModel | AsyncIterator[str]) -> BaseModel | StreamingResponse:
-    """A whole answer as JSON, or a stream of server-sent events."""
+async def _answer(
+    request: Request, work: Awaitable[BaseModel | AsyncIterator[str]]
+) -> BaseModel | Response:
+    """Await ``work`` (a whole answer, or the start of a stream), cancelling it if the client goes away.
+
+    Cancelling aborts the request in the engine. Starlette only notices a disconnect once a stream is
+    being sent, so until then (queueing, prefill, a whole non-streamed generation) this polls for it.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        while not (await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        answer = task.result()
+    finally:
+        task.cancel()  # no-op once done; otherwise (disconnect, or this handler cancelled) aborts the request
     if isinstance(answer, BaseModel):
         return answer
     return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -70,13 +85,13 @@ api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
 @api.post("/completions")
 async def create_completion(body: CompletionRequest, request: Request):
     """OpenAI ``POST /v1/completions``; ``model`` picks an adapter or the base model."""
-    return _respond(await _serving(request).complete(body))
+    return await _answer(request, _serving(request).complete(body))
 
 
 @api.post("/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """OpenAI ``POST /v1/chat/completions``, prompted through the tokenizer's chat template."""
-    return _respond(await _serving(request).chat(body))
+    return await _answer(request, _serving(request).chat(body))
 
 
 @api.get("/models")

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -101,6 +102,16 @@ def test_disconnect_mid_stream_aborts_and_frees_pages(setup, serve, slow_steps):
     server.wait_until_idle()
     assert server.engine.stats().pool.kv == 0
     assert server.metric("lora_serve_requests_total", model="ad1", finish_reason="abort") == aborted_before + 1
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_aborts(setup, serve, slow_steps):
+    server = setup[-1]
+    aborted_before = server.metric("lora_serve_requests_total", model="ad6", finish_reason="abort")
+    with httpx.Client(base_url=server.url, timeout=0.5) as http:  # gives up long before 200 tokens
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json={"model": "ad6", "prompt": PROMPT, **LONG}, headers=_auth(serve))
+    server.wait_until_idle()
+    assert server.metric("lora_serve_requests_total", model="ad6", finish_reason="abort") == aborted_before + 1
 
 
 def test_runtime_load_is_confined_to_the_adapter_root(setup, lora, serve):
