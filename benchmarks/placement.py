@@ -10,7 +10,9 @@ rank load; then, with --measure, the median forward+backward step time of the 4-
 model under contiguous vs the planned placements (CPU: 2 cores shared by 4 processes -- noisy).
 
     .venv/bin/python benchmarks/placement.py --abstracts ../shared/data/abstracts.txt --measure
-    .venv/bin/python benchmarks/placement.py --smoke        # seconds, for CI
+    .venv/bin/python benchmarks/placement.py --smoke        # a minute or two, for CI
+
+Writes result.json (and the trained weights, model.pt) to --out (default benchmarks/out/placement).
 """
 
 from __future__ import annotations
@@ -150,7 +152,7 @@ def main() -> None:
     parser.add_argument("--measure-steps", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "placement")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "placement")
     args = parser.parse_args()
     if not args.abstracts.exists():
         sys.exit(f"abstracts file {args.abstracts} not found: pass --abstracts PATH (shared/data/abstracts.txt)")
