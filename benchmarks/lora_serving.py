@@ -30,18 +30,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# Python puts this script's directory first on sys.path, where benchmarks/kernels.py would shadow the
-# `kernels` package that lora_serve imports.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList  # noqa: E402
-
-from lora_serve import Engine, EngineConfig, SamplingParams  # noqa: E402
-from lora_serve.model_loading import load_base_model  # noqa: E402
+from lora_serve import Engine, EngineConfig, SamplingParams
+from lora_serve.model_loading import load_base_model
 
 SYSTEMS = ("hf-plain", "peft-mixed", "peft-single", "engine-lora", "engine-base")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
