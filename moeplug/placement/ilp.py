@@ -45,11 +45,15 @@ def _heavy(matrix: torch.Tensor, min_share: float):
 
 
 def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_coherent", balance_weight: float = 1.0,
-             time_limit: float = 10.0, min_pair_share: float = 1e-3) -> Placement:
+             time_limit: float = 10.0, min_pair_share: float = 1e-3, max_imbalance: float | None = None) -> Placement:
     """Solve the placement MILP (see the module docstring); returns the better of it and greedy.
 
+    `max_imbalance` (optional) caps every layer's busiest rank at that multiple of the mean rank
+    load; when the cap is infeasible (one expert heavier than it) the greedy plan comes back.
+
     `info` of the result reports the solver status, its optimality gap (`mip_gap`, relative; 0 when
-    proven optimal), both objectives and which plan won.
+    proven optimal), both objectives and which plan won (`used`); when greedy wins, its own `info`
+    comes back with the solver's under `info["ilp"]`.
     """
     if traffic_model not in TRAFFIC_MODELS:
         raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
@@ -98,7 +102,8 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
     integrality = np.zeros(num_vars)
     integrality[:num_x] = 1
     low, high = np.zeros(num_vars), np.ones(num_vars)
-    high[num_x + num_c:] = np.inf
+    mean_load = trace.counts.sum(1) / ep_size
+    high[num_x + num_c:] = np.inf if max_imbalance is None else (max_imbalance * mean_load).numpy()
     low[x(0, 0, 0)] = 1  # ranks are interchangeable: pin expert 0 of layer 0 to rank 0
     started = time.perf_counter()
     result = milp(cost, constraints=LinearConstraint(matrix, lower, upper), integrality=integrality,
@@ -108,10 +113,11 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
     greedy = greedy_plan(trace, ep_size, traffic_model=traffic_model)
     greedy_value = objective(trace, greedy, traffic_model, balance_weight)
     info = {"planner": "ilp", "traffic_model": traffic_model, "balance_weight": balance_weight,
+            "max_imbalance": max_imbalance,
             "status": result.message, "solve_s": round(seconds, 3), "pairs": len(pairs),
             "mip_gap": getattr(result, "mip_gap", None), "greedy_objective": greedy_value}
     if result.x is None:
-        greedy.info.update(info, used="greedy (no ILP solution within the time limit)", ilp_objective=None)
+        greedy.info.update(ilp=info, used="greedy (the ILP found no solution: infeasible or out of time)")
         return greedy
     assign = result.x[:num_x].reshape(layers, experts, ep_size).argmax(-1)
     slots = torch.stack([torch.stack([torch.nonzero(torch.from_numpy(assign[l] == r)).flatten()
@@ -120,7 +126,7 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
     value = objective(trace, plan, traffic_model, balance_weight)
     info["ilp_objective"] = value
     if value > greedy_value:
-        greedy.info.update(info, used="greedy (better than the ILP's incumbent)")
+        greedy.info.update(ilp=info, used="greedy (better than the ILP's incumbent)")
         return greedy
     info["used"] = "ilp"
     return plan

@@ -110,3 +110,13 @@ def test_replicas_balance_a_hot_expert():
         greedy_plan(trace, 2, replicas=1)
     with pytest.raises(ValueError, match="traffic_model='hops'"):
         greedy_plan(trace, 2, traffic_model="hops")
+
+
+def test_ilp_load_cap_and_its_fallback_when_infeasible():
+    trace = _chain_trace(experts=8, layers=3, tokens=400, seed=2)
+    capped = ilp_plan(trace, 4, max_imbalance=1.0, time_limit=20)
+    assert float(context_coherent_cost(trace, capped).max_mean_load.max()) == 1.0 and capped.info["used"] == "ilp"
+    hot = _trace(torch.tensor([0] * 40 + [1] * 20 + [2] * 20 + [3] * 20).view(-1, 1, 1), 4)
+    fallback = ilp_plan(hot, 2, max_imbalance=1.1, time_limit=20)  # expert 0 alone is 0.8x of a rank's mean
+    assert fallback.info["planner"] == "greedy" and fallback.info["used"].startswith("greedy (the ILP found no")
+    assert "infeasible" in fallback.info["ilp"]["status"].lower()
