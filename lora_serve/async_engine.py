@@ -100,6 +100,11 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join()
 
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the step loop, or None while it runs (for health checks)."""
+        return self._error
+
     def _check_alive(self) -> None:
         if self._error is not None:
             raise EngineDeadError("the engine step loop failed") from self._error

@@ -205,8 +205,8 @@ class Engine:
     ) -> str:
         """Queue a request (text, or token ids) for ``adapter`` (None = base model); return its id.
 
-        Raises ``KeyError`` for an unknown adapter and ``ValueError`` for a prompt that is empty, too
-        long for the model, or too large for the pool.
+        Raises ``KeyError`` for an unknown adapter and ``ValueError`` for a prompt that is empty, holds
+        token ids outside the vocabulary, is too long for the model, or is too large for the pool.
         """
         return self._new_request(prompt, params or SamplingParams(), adapter, request_id).request_id
 
@@ -219,6 +219,10 @@ class Engine:
             prompt_ids = [int(t) for t in prompt]
         if not prompt_ids:
             raise ValueError("prompt is empty")
+        vocab = self.model.get_input_embeddings().num_embeddings
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:  # checked here: an out-of-range id would fail the whole step, and every request with it
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         if adapter is not None and adapter not in self.store:
             raise KeyError(f"unknown adapter {adapter!r}; registered: {self.store.names()[:20]}")
         total = len(prompt_ids) + params.max_tokens
@@ -253,8 +257,9 @@ class Engine:
         self._abort_ids.append(request_id)
 
     def has_unfinished(self) -> bool:
-        """Whether any submitted request has not finished yet."""
-        return bool(self._live)
+        """Whether any submitted request has not finished yet, or has ended without being reported
+        (an abort by ``remove_adapter``: the next ``step`` delivers it)."""
+        return bool(self._live or self._pending)
 
     def generate(
         self,
