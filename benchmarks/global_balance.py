@@ -9,6 +9,7 @@ distributions (specialisation), per-layer max/mean load, and a PNG of the curves
 
     .venv/bin/python benchmarks/global_balance.py --abstracts ../shared/data/abstracts.txt
     .venv/bin/python benchmarks/global_balance.py --abstracts ... --steps 5 --smoke   # seconds
+Runs already saved in --out are re-read for the report, so the two runs may be separate processes.
 """
 
 from __future__ import annotations
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--balances", nargs="+", default=["micro", "global"], choices=["micro", "global"],
+                        help="which runs to do (run them as separate processes to use several cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, for CI")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "global_balance")
     args = parser.parse_args()
@@ -170,18 +173,24 @@ def main() -> None:
     train_data, held_out = {}, {}
     for name, corpus in data.items():
         train_data[name], held_out[name] = split(corpus)
-    results = [train(args, balance, train_data, held_out) for balance in ("micro", "global")]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "result.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                      "results": results}, indent=2))
+    results = []
+    for balance in args.balances:  # each run is saved as soon as it ends: nothing lost if a later one dies
+        results.append(train(args, balance, train_data, held_out))
+        (args.out / f"result-{balance}.json").write_text(json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "result": results[-1]}, indent=2))
+    results = [json.loads(path.read_text())["result"] for path in sorted(args.out.glob("result-*.json"))]
+    results.sort(key=lambda r: r["balance"] != "micro")
     plot(results, args.out / "curves.png")
     for r in results:
         js = r["js_bits_per_layer"]
         print(f"balance={r['balance']:<6} held-out loss english {r['loss']['english']:.3f} python "
               f"{r['loss']['python']:.3f} | JS bits/layer {[round(v, 3) for v in js]} (mean {sum(js) / len(js):.3f}) "
               f"| max/mean {[round(v, 2) for v in r['max_over_mean_per_layer']]} | {r['seconds']:.0f} s")
-    micro, global_ = (sum(r["js_bits_per_layer"]) / len(r["js_bits_per_layer"]) for r in results)
-    print(f"specialisation ratio global/micro: {global_ / micro:.2f}x; wrote {args.out}")
+    if len(results) == 2:
+        micro, global_ = (sum(r["js_bits_per_layer"]) / len(r["js_bits_per_layer"]) for r in results)
+        print(f"specialisation ratio global/micro: {global_ / micro:.2f}x")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
