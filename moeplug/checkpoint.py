@@ -72,6 +72,15 @@ def _prepare_partial(directory: Path) -> Path:
     return partial
 
 
+def _contiguous_experts(model: torch.nn.Module) -> dict:
+    """Expert shards by name; refuses a model moved to a placement (its rows are not in expert order)."""
+    experts = expert_parallel_parameters(model)
+    if any(ep.slots is not None for _, ep in experts.values()):
+        raise ValueError("this model has an expert placement applied: its expert rows are in slot order; use "
+                         "moeplug.placement.save_placed_checkpoint / load_placed_checkpoint instead")
+    return experts
+
+
 def save_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
     """Save `model` with each expert shard written once (by the first expert-data-parallel replica).
 
@@ -79,7 +88,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
     """
     directory = Path(directory)
     rank, _ = _rank_world()
-    experts = expert_parallel_parameters(model)
+    experts = _contiguous_experts(model)
     partial = _prepare_partial(directory)
     state = model.state_dict()
     if rank == 0:
@@ -134,7 +143,7 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
     meta = json.loads((directory / "moeplug.json").read_text())
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"checkpoint format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
-    local = expert_parallel_parameters(model)
+    local = _contiguous_experts(model)
     state = {}
     with safe_open(str(directory / "replicated.safetensors"), framework="pt") as replicated:
         for key in replicated.keys():
@@ -170,7 +179,7 @@ def export_pretrained(model: torch.nn.Module, directory: str | Path, **save_kwar
         raise TypeError(f"{type(model).__name__} is not a transformers model; use save_checkpoint instead")
     directory = Path(directory)
     rank, _ = _rank_world()
-    experts = expert_parallel_parameters(model)
+    experts = _contiguous_experts(model)
     state = {k: v for k, v in model.state_dict().items()}
     for name, (param, ep) in experts.items():
         state[name] = _gather_experts(param, ep)
