@@ -12,6 +12,7 @@ Mixtral sparse MoE block; and the roof: one dense `torch.mm` pair doing the same
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -32,15 +33,20 @@ SMOKE_SHAPES = {"smoke E4/k2": (4, 2, 32, 48, 64)}
 BATCHED_MM_LIMIT_BYTES = 8 * 2**30
 
 
-def _time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def _median_times(steps: dict, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each named step function, timed round-robin.
+
+    Interleaving the repeats makes a load spike on this shared machine hit every implementation
+    alike instead of skewing whichever ran during it.
+    """
+    samples = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_ >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _moe_model(experts: int, top_k: int, hidden: int, width: int) -> transformers.PreTrainedModel:
@@ -55,8 +61,13 @@ def _moe_model(experts: int, top_k: int, hidden: int, width: int) -> transformer
     return model.train()
 
 
-def _block_step(block, x, grad):
+def _block_step(model, impl: str | None, x, grad):
+    """One forward + backward of the model's MoE block, with transformers' `impl` (None: as patched)."""
+    block = model.model.layers[0].mlp
+
     def step():
+        if impl is not None:
+            model.set_experts_implementation(impl)
         block.zero_grad(set_to_none=True)
         x.grad = None
         block(x).backward(grad)
@@ -80,21 +91,19 @@ def run_shape(name: str, experts: int, top_k: int, hidden: int, width: int, toke
               warmup: int, repeats: int) -> dict:
     """Time every implementation on one shape; returns seconds per step and ratios."""
     model = _moe_model(experts, top_k, hidden, width)
-    block = model.model.layers[0].mlp
+    patched = copy.deepcopy(model)
+    moeplug.patch_model(patched)
     x = torch.randn(1, tokens, hidden, requires_grad=True)
     grad = torch.randn(1, tokens, hidden)
-    seconds = {}
+    steps = {}
     for impl in ("eager", "batched_mm", "grouped_mm"):
         copy_bytes = tokens * top_k * 3 * hidden * width * 4
         if impl == "batched_mm" and copy_bytes > BATCHED_MM_LIMIT_BYTES:
-            seconds[impl] = None  # would gather ~copy_bytes of weights per step
-            continue
-        model.set_experts_implementation(impl)
-        seconds[impl] = _time(_block_step(block, x, grad), warmup, repeats)
-    model.set_experts_implementation("grouped_mm")
-    moeplug.patch_model(model)
-    seconds["moeplug"] = _time(_block_step(block, x, grad), warmup, repeats)
-    seconds["dense roof"] = _time(_roof_step(tokens * top_k, hidden, width), warmup, repeats)
+            continue  # would gather ~copy_bytes of expert weights per step (out of memory here)
+        steps[impl] = _block_step(model, impl, x, grad)
+    steps["moeplug"] = _block_step(patched, None, x, grad)
+    steps["dense roof"] = _roof_step(tokens * top_k, hidden, width)
+    seconds = {"batched_mm": None, **_median_times(steps, warmup, repeats)}
     ours = seconds["moeplug"]
     return {
         "shape": name, "experts": experts, "top_k": top_k, "hidden": hidden, "width": width, "tokens": tokens,
