@@ -17,6 +17,7 @@ from .fp8 import (
     _EXPANSION_LOG2_RANGE,
     _TINY,
     FP8_MAX,
+    _check_expanded,
     _check_fp8,
     _check_group_size,
     _check_group_stats,
@@ -215,11 +216,7 @@ def dequantize_fp8_expanded_triton(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Triton version of :func:`dequantize_fp8_expanded_torch` (same signature and results)."""
-    _check_group_size(group_size)
-    if codes.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"expanded codes must be float8_e4m3fn, got {codes.dtype}")
-    _check_group_stats(codes, amax, group_size, "amax")
-    _check_group_stats(codes, k16, group_size, "k16")
+    _check_expanded(codes, amax, k16, group_size)
     codes = codes.contiguous()
     out = torch.empty(codes.shape, dtype=out_dtype, device=codes.device)
     if codes.numel():

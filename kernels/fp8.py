@@ -81,6 +81,15 @@ def _check_group_stats(codes: torch.Tensor, stats: torch.Tensor, group_size: int
         )
 
 
+def _check_expanded(codes: torch.Tensor, amax: torch.Tensor, k16: torch.Tensor, group_size: int) -> None:
+    """Validate the inputs of a range-expanded dequantisation (both backends)."""
+    _check_group_size(group_size)
+    if codes.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"expanded codes must be float8_e4m3fn, got {codes.dtype}")
+    _check_group_stats(codes, amax, group_size, "amax")
+    _check_group_stats(codes, k16, group_size, "k16")
+
+
 # ---------------------------------------------------------------------------------------------------
 # torch references
 # ---------------------------------------------------------------------------------------------------
@@ -186,11 +195,7 @@ def dequantize_fp8_expanded_torch(
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Inverse of :func:`quantize_fp8_expanded_torch`: ``sign(q) · amax · (|q|/448)^(1/k)``."""
-    _check_group_size(group_size)
-    if codes.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"expanded codes must be float8_e4m3fn, got {codes.dtype}")
-    _check_group_stats(codes, amax, group_size, "amax")
-    _check_group_stats(codes, k16, group_size, "k16")
+    _check_expanded(codes, amax, k16, group_size)
     q = _as_groups(codes, group_size)
     # x = max·(|q|/448)^(1/k) = 2^(log2|q|/k + log2(max) - log2(448)/k); zero codes masked (see _TINY).
     inv_k = _K_STEPS / k16.float()
