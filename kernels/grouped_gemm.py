@@ -208,6 +208,9 @@ def gemm_input_grads(x, weight, offsets, gather_index, scatter_index, gates, gra
     """
     # Autograd may hand over expanded (stride-0) gradients, e.g. from .sum(); the GEMMs want real strides.
     grad_out = grad_out.contiguous()
+    if scatter_index is not None and not backend.use_triton(grad_out.device):
+        # The torch path would gather grad_out's rows twice (for dX and for dW): gather once.
+        grad_out, scatter_index = grad_out.index_select(0, scatter_index), None
     grad_x = grad_w = grad_gates = None
     if need_x or need_gates:
         u = _grouped_mm_op(grad_out, weight.transpose(1, 2), offsets, scatter_index, None, None)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kernels import grouped_mm
+from kernels.backend import use_triton
 
 from .dispatch import ExpertParallel, expert_parallel_forward
 
@@ -62,7 +63,11 @@ def routed_experts_forward(
     sorted_expert = flat_expert[order]
     gates = top_k_weights.reshape(-1)[order]
 
-    projected = grouped_mm(hidden, w_in, offsets, gather_index=order // top_k)
+    token_of_slot = order // top_k
+    if use_triton(hidden.device):  # the kernel reads scattered rows itself (ScatterMoE)
+        projected = grouped_mm(hidden, w_in, offsets, gather_index=token_of_slot)
+    else:  # torch path: gather once and keep the rows for dW instead of gathering again in backward
+        projected = grouped_mm(hidden.index_select(0, token_of_slot), w_in, offsets)
     if in_bias is not None:
         projected = projected + in_bias[sorted_expert]
     activated = activation(projected)
