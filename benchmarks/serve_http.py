@@ -38,19 +38,19 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
-# lora_serving first: it also fixes sys.path for the lora_serve imports below.
-from lora_serving import base_model, write_adapters, zipf_choice  # noqa: I001
+import httpx
+import numpy as np
+import openai
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import openai  # noqa: E402
-import torch  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+from lora_serve import AsyncEngine, Engine, EngineConfig, SamplingParams
+from lora_serve.cli import default_model
+from lora_serve.server.adapters import find_adapters
 
-from lora_serve import AsyncEngine, Engine, EngineConfig, SamplingParams  # noqa: E402
-from lora_serve.cli import default_model  # noqa: E402
-from lora_serve.server.adapters import find_adapters  # noqa: E402
+# Sibling benchmark script (this folder is on sys.path when run as a script).
+from lora_serving import base_model, write_adapters, zipf_choice
 
 SYSTEMS = ("http", "in-process")
 METRICS = ("requests", "errors", "output_tokens", "seconds", "tokens_per_s", "requests_per_s",
