@@ -52,6 +52,28 @@ def split(corpus: torch.Tensor, held_out: float = 0.1) -> tuple[torch.Tensor, to
     return corpus[:cut], corpus[cut:]
 
 
+def split_domains(abstracts: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(train, held-out) byte corpora per domain; exits with a clear message if `abstracts` is missing."""
+    if not abstracts.exists():
+        sys.exit(f"abstracts file {abstracts} not found: pass --abstracts PATH (shared/data/abstracts.txt)")
+    train_data, held_out = {}, {}
+    for name, corpus in load_domains(abstracts).items():
+        train_data[name], held_out[name] = split(corpus)
+    return train_data, held_out
+
+
+def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
+    """The corpus, model and optimiser options that `make_model` and the training loops read.
+
+    `defaults` overrides the defaults below by option name (e.g. steps=400, layers=6).
+    """
+    options = {"steps": 150, "micro_batches": 4, "batch": 4, "length": 256, "layers": 4, "hidden": 128,
+               "expert_width": 128, "experts": 16, "coef": 0.05, "lr": 2e-3, "seed": 0, **defaults}
+    parser.add_argument("--abstracts", type=Path, default=Path("../shared/data/abstracts.txt"))
+    for name, default in options.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+
+
 def windows(corpus: torch.Tensor, batch: int, length: int, generator: torch.Generator) -> torch.Tensor:
     starts = torch.randint(0, len(corpus) - length, (batch,), generator=generator)
     return torch.stack([corpus[s : s + length] for s in starts.tolist()])
@@ -147,32 +169,16 @@ def plot(results: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--abstracts", type=Path, default=Path("../shared/data/abstracts.txt"))
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--micro-batches", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--expert-width", type=int, default=128)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--coef", type=float, default=0.05)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    add_training_args(parser)
     parser.add_argument("--eval-batches", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--balances", nargs="+", default=["micro", "global"], choices=["micro", "global"],
                         help="which runs to do (run them as separate processes to use several cores)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, for CI")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "global_balance")
     args = parser.parse_args()
-    if not args.abstracts.exists():
-        sys.exit(f"abstracts file {args.abstracts} not found: pass --abstracts PATH (shared/data/abstracts.txt)")
     if args.smoke:
         args.layers, args.hidden, args.expert_width, args.experts, args.length, args.eval_batches = 2, 32, 32, 4, 32, 1
-    data = load_domains(args.abstracts)
-    train_data, held_out = {}, {}
-    for name, corpus in data.items():
-        train_data[name], held_out[name] = split(corpus)
+    train_data, held_out = split_domains(args.abstracts)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for balance in args.balances:  # each run is saved as soon as it ends: nothing lost if a later one dies

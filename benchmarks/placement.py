@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from global_balance import load_domains, make_model, split, windows  # noqa: E402
+from global_balance import add_training_args, make_model, split_domains, windows  # noqa: E402
 
 import moeplug  # noqa: E402
 from moeplug import BalanceController  # noqa: E402
@@ -133,36 +133,22 @@ def measure(args, model, chosen: dict[str, Placement]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--abstracts", type=Path, default=Path("../shared/data/abstracts.txt"))
-    parser.add_argument("--steps", type=int, default=400)
+    add_training_args(parser, steps=400, micro_batches=2, length=128, layers=6, hidden=96, expert_width=96,
+                      coef=0.01)
     parser.add_argument("--train-minutes", type=float, default=12.0, help="stop training after this long")
-    parser.add_argument("--micro-batches", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--hidden", type=int, default=96)
-    parser.add_argument("--expert-width", type=int, default=96)
-    parser.add_argument("--experts", type=int, default=16)
-    parser.add_argument("--coef", type=float, default=0.01)
-    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--trace-batches", type=int, default=16, help="per domain, for planning and for evaluation")
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--ilp-seconds", type=float, default=60.0)
     parser.add_argument("--measure", action="store_true", help="time the 4-process EP model per placement")
     parser.add_argument("--measure-steps", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "placement")
     args = parser.parse_args()
-    if not args.abstracts.exists():
-        sys.exit(f"abstracts file {args.abstracts} not found: pass --abstracts PATH (shared/data/abstracts.txt)")
     if args.smoke:
         args.steps, args.layers, args.hidden, args.expert_width, args.length = 2, 2, 32, 32, 32
         args.trace_batches, args.ilp_seconds, args.measure_steps, args.experts = 1, 2, 2, 8
     torch.manual_seed(args.seed)
-    train_data, held_out = {}, {}
-    for name, corpus in load_domains(args.abstracts).items():
-        train_data[name], held_out[name] = split(corpus)
+    train_data, held_out = split_domains(args.abstracts)
     model, steps, seconds = train(args, train_data)
     fit = collect_trace(model, batches(train_data, args, 1, args.trace_batches))
     test = collect_trace(model, batches(held_out, args, 2, args.trace_batches))
