@@ -87,14 +87,44 @@ class ExpertParallel:
         return ExpertParallel(self.ep_size, self.ep_rank, self.num_experts, self.group, self.expert_dp_group, slots)
 
 
+# This rank's (EP group, expert-data-parallel group) per (world size, ep_size), created once.
 _groups: dict[tuple[int, int], tuple] = {}
+
+
+def _ranks(group) -> list[int]:
+    return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+
+
+def use_process_groups(ep_size: int, ep_group, expert_dp_group) -> None:
+    """Make `expert_parallel(ep_size, ...)` use existing process groups (e.g. DeepSpeed's) on this rank.
+
+    Call on every rank before patching. The groups must have the EP-major layout moeplug uses
+    (DeepSpeed's and Megatron's too): `ep_group` = the ep_size consecutive ranks around this rank,
+    `expert_dp_group` = the ranks with the same rank modulo ep_size (None when world == ep_size).
+    Raises ValueError naming the ranks found and expected otherwise, so both sides agree on who
+    holds which experts.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("use_process_groups needs torch.distributed initialised")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not isinstance(ep_size, int) or ep_size < 1 or world % ep_size:
+        raise ValueError(f"ep_size={ep_size!r} must be a positive integer dividing the world size ({world})")
+    first = rank - rank % ep_size
+    expected = (list(range(first, first + ep_size)), list(range(rank % ep_size, world, ep_size)))
+    found = (_ranks(ep_group), _ranks(expert_dp_group) if expert_dp_group is not None else [rank])
+    for what, got, want in zip(("expert-parallel", "expert-data-parallel"), found, expected):
+        if got != want:
+            raise ValueError(f"the {what} group of rank {rank} holds ranks {got}; moeplug's EP-major layout "
+                             f"for ep_size={ep_size} in a world of {world} expects {want}")
+    _groups[(world, ep_size)] = (ep_group, expert_dp_group if world > ep_size else None)
 
 
 def expert_parallel(ep_size: int, num_experts: int) -> ExpertParallel:
     """The `ExpertParallel` layout of this rank for `ep_size`, creating process groups once.
 
-    Must be called on every rank (group creation is collective). Raises ValueError when torch
-    distributed is not initialised or `ep_size` divides neither the world size nor the experts.
+    Must be called on every rank (group creation is collective). Groups registered with
+    `use_process_groups` are used instead of new ones. Raises ValueError when torch distributed
+    is not initialised or `ep_size` divides neither the world size nor the experts.
     """
     if not isinstance(ep_size, int) or ep_size < 1:
         raise ValueError(f"ep_size={ep_size!r} must be a positive integer")
@@ -110,12 +140,12 @@ def expert_parallel(ep_size: int, num_experts: int) -> ExpertParallel:
         raise ValueError(f"ep_size={ep_size} must divide the world size ({world})")
     key = (world, ep_size)
     if key not in _groups:
+        # new_group is collective over the whole world: every rank creates every group, keeps its own.
         ep_groups = [dist.new_group(list(range(g * ep_size, (g + 1) * ep_size))) for g in range(world // ep_size)]
         dp_groups = [dist.new_group(list(range(r, world, ep_size))) for r in range(ep_size)] if world > ep_size else None
-        _groups[key] = (ep_groups, dp_groups)
-    ep_groups, dp_groups = _groups[key]
-    return ExpertParallel(ep_size, rank % ep_size, num_experts, ep_groups[rank // ep_size],
-                          None if dp_groups is None else dp_groups[rank % ep_size])
+        _groups[key] = (ep_groups[rank // ep_size], None if dp_groups is None else dp_groups[rank % ep_size])
+    ep_group, dp_group = _groups[key]
+    return ExpertParallel(ep_size, rank % ep_size, num_experts, ep_group, dp_group)
 
 
 _traffic: list[tuple[int, torch.Tensor]] | None = None
