@@ -4,11 +4,17 @@ Each rank of an expert-parallel (EP) group of size P holds S expert slots. By de
 r owns the contiguous block [r*E/P, (r+1)*E/P). A placement (`moeplug.placement`) gives instead a
 `slots` table [P, S] naming the expert held in each slot; an expert may sit in several slots
 (replicas), and then a token's assignment goes to copy (token + ep_rank) mod copies, which splits
-the expert's tokens evenly over its copies without any communication. A rank routes its own
-tokens, sends each (token, choice) row to the rank owning the chosen expert, runs its local experts on what it receives, and sends the results back,
-where the gate weights are applied and the k choices summed. Both all-to-alls use
-`all_to_all_single` with per-rank split sizes (the list form fails with uneven sizes under gloo)
-and are differentiable, so backward runs the mirror-image exchange.
+the expert's tokens evenly over its copies without any communication.
+
+A rank routes its own tokens and sends each token once to every rank holding at least one of its
+chosen experts, with the local slots and gate weights of its choices there (deduplicated dispatch:
+a token whose k experts share a rank costs one row, not k). That rank runs its local experts on
+the token and sums their gated outputs, so the combine, too, sends one row per (token, rank) back,
+where the rows of a token's ranks are added up. Both all-to-alls use `all_to_all_single` with
+per-rank split sizes (the list form fails with uneven sizes under gloo) and are differentiable, so
+backward runs the mirror-image exchange and the gate weights get their gradients on the expert side.
+`ExpertParallel.dedup = False` sends one row per (token, choice) instead, as most MoE frameworks do
+(kept as the baseline that placement benchmarks compare against).
 
 Ranks are laid out EP-major: world rank w is EP rank w % P of EP group w // P. Ranks with the same
 EP rank in different groups hold the same experts and form an expert-data-parallel group.
@@ -36,6 +42,8 @@ class ExpertParallel:
     expert_dp_group: object = None  # ranks holding the same experts (None when there is one EP group)
     # [ep_size, S] global expert id held by each slot of each rank; None: the contiguous layout.
     slots: torch.Tensor | None = None
+    # One row per (token, destination rank) when True; one per (token, choice) when False.
+    dedup: bool = True
     _copies: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,7 +92,8 @@ class ExpertParallel:
 
     def with_slots(self, slots: torch.Tensor | None) -> ExpertParallel:
         """The same ranks and groups with another slot table (None: contiguous)."""
-        return ExpertParallel(self.ep_size, self.ep_rank, self.num_experts, self.group, self.expert_dp_group, slots)
+        return ExpertParallel(self.ep_size, self.ep_rank, self.num_experts, self.group, self.expert_dp_group, slots,
+                              self.dedup)
 
 
 # This rank's (EP group, expert-data-parallel group) per (world size, ep_size), created once.
@@ -155,8 +164,10 @@ _traffic: list[tuple[int, torch.Tensor]] | None = None
 def count_traffic() -> Iterator[list[tuple[int, torch.Tensor]]]:
     """Record, for every expert-parallel dispatch in the block, (ep_rank, rows sent to each EP rank).
 
-    The list yielded fills in as layers run; the combine sends the same rows back. Rows sent to
-    the own rank (index ep_rank) never leave the process.
+    The list yielded fills in as layers run; the combine sends the same number of rows back. A row
+    is one token for one destination rank (one per (token, choice) with `ExpertParallel.dedup`
+    False); it carries H hidden values plus k gate weights and k local slot ids. Rows sent to the
+    own rank (index ep_rank) never leave the process.
     """
     global _traffic
     previous, _traffic = _traffic, []
@@ -187,7 +198,7 @@ def expert_parallel_forward(
     local_experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ep: ExpertParallel,
 ) -> torch.Tensor:
-    """Dispatch tokens to the ranks holding their experts, compute, combine.
+    """Dispatch tokens to the ranks holding their experts, compute and gate there, combine.
 
     Args:
         hidden: [T, H] this rank's tokens. top_k_index / top_k_weights: [T, k] global expert ids
@@ -199,26 +210,36 @@ def expert_parallel_forward(
         [T, H], equal to running all experts locally.
     """
     tokens, top_k = top_k_index.shape
-    flat = top_k_index.reshape(-1)
-    slot = ep.slot_of(flat, torch.arange(flat.numel(), device=flat.device) // top_k)
-    per_rank = ep.experts_per_rank
-    owner = slot // per_rank  # dropped assignments get owner ep_size
-    # Sorting by slot groups assignments by owner rank (contiguous blocks), dropped ones last.
-    order = slot.argsort(stable=True)
-    send_counts = torch.bincount(owner, minlength=ep.ep_size + 1)[: ep.ep_size]
-    order = order[: int(send_counts.sum())]
+    per_rank, ranks = ep.experts_per_rank, ep.ep_size
+    assignment = torch.arange(tokens * top_k, device=top_k_index.device)
+    slot = ep.slot_of(top_k_index.reshape(-1), assignment // top_k)
+    kept = slot < ranks * per_rank  # dropped assignments travel nowhere
+    slot, assignment = slot[kept], assignment[kept]
+    # A message = the rows one rank sends to one destination for one token (dedup) or one choice.
+    # Sorted keys (destination-major) group messages by destination rank, as all_to_all wants.
+    unit = assignment // top_k if ep.dedup else assignment
+    units = tokens if ep.dedup else tokens * top_k
+    keys, message = torch.unique(slot // per_rank * units + unit, return_inverse=True)
+    token = keys % units if ep.dedup else keys % units // top_k
+    send_counts = torch.bincount(keys // units, minlength=ranks)
     if _traffic is not None:
         _traffic.append((ep.ep_rank, send_counts.cpu()))
-    recv_counts = _exchange_counts(send_counts, ep)
-    send, recv = send_counts.tolist(), recv_counts.tolist()
-    local_ids = slot[order] % per_rank
-    recv_rows = _all_to_all(hidden.index_select(0, order // top_k), recv, send, ep)
-    recv_ids = _all_to_all(local_ids, recv, send, ep)
-    results = local_experts(recv_rows, recv_ids)
-    returned = _all_to_all(results, send, recv, ep)
-    gated = returned * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(returned.dtype)
-    out = gated.new_zeros(tokens * top_k, gated.shape[-1]).index_copy(0, order, gated)
-    return out.view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+    send, recv = send_counts.tolist(), _exchange_counts(send_counts, ep).tolist()
+    # Each message carries, per choice column, the local slot (per_rank = none) and the gate weight.
+    column = message * top_k + assignment % top_k
+    local_ids = slot.new_full((len(keys) * top_k,), per_rank).index_copy(0, column, slot % per_rank)
+    gates = top_k_weights.reshape(-1)[assignment].to(hidden.dtype)
+    gates = gates.new_zeros(len(keys) * top_k).index_copy(0, column, gates).view(-1, top_k)
+    received = _all_to_all(torch.cat([hidden.index_select(0, token), gates], 1), recv, send, ep)
+    received_ids = _all_to_all(local_ids.view(-1, top_k), recv, send, ep)
+    rows, received_gates = received.split([hidden.shape[1], top_k], 1)
+    row, choice = (received_ids < per_rank).nonzero(as_tuple=True)
+    results = local_experts(rows.index_select(0, row), received_ids[row, choice])
+    gated = results * received_gates[row, choice].unsqueeze(-1).to(results.dtype)
+    combined = gated.new_zeros(rows.shape[0], gated.shape[-1]).index_add(0, row, gated)
+    returned = _all_to_all(combined, send, recv, ep)
+    out = returned.new_zeros(tokens, returned.shape[-1]).index_add(0, token, returned)
+    return out.to(hidden.dtype)
 
 
 def expert_parallel_parameters(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Parameter, ExpertParallel]]:

@@ -40,7 +40,9 @@ def _grads(module) -> dict[str, torch.Tensor]:
 def _layer_case(world: int, ep_size: int, options: dict) -> dict:
     rank = dist.get_rank()
     starve = options.pop("starve_last_rank", False)
+    per_choice = options.pop("per_choice_rows", False)
     layer = _layer(ep_size, **options)
+    layer.experts.ep.dedup = not per_choice
     if starve:
         # Experts of the last EP rank are never chosen: that rank receives no rows at all.
         with torch.no_grad():
@@ -99,10 +101,11 @@ def _run(spawn, world: int, case: str, ep_size: int, options: dict, tmp_path) ->
     (4, 4, {}),
     (4, 2, {"capacity_factor": 0.75}),
     (2, 2, {"starve_last_rank": True}),
+    (4, 4, {"per_choice_rows": True}),  # the non-deduplicating baseline dispatch
 ])
 def test_moe_layer_expert_parallel_matches_ep1(tmp_path, spawn, world, ep_size, options):
     results = _run(spawn, world, "layer", ep_size, options, tmp_path)
-    reference = _layer(1, **{k: v for k, v in options.items() if k != "starve_last_rank"})
+    reference = _layer(1, **{k: v for k, v in options.items() if k not in ("starve_last_rank", "per_choice_rows")})
     if options.get("starve_last_rank"):
         with torch.no_grad():
             reference.selection_bias[EXPERTS - EXPERTS // ep_size:] = -1e4
