@@ -34,7 +34,11 @@ def test_accelerate_recipe_with_expert_parallelism(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["ranks"] == 2 and len(summary["step_losses"]) == 4
     assert summary["step_losses"][-1] < summary["step_losses"][0]
-    # The sharded checkpoint and the transformers export hold the same trained model.
+    _assert_export_matches_checkpoint(tmp_path)
+
+
+def _assert_export_matches_checkpoint(tmp_path: Path) -> None:
+    """The sharded checkpoint and the transformers export hold the same trained model."""
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     resumed = demo_model(seed=1)
     moeplug.patch_model(resumed)
@@ -44,11 +48,21 @@ def test_accelerate_recipe_with_expert_parallelism(tmp_path):
     assert not torch.allclose(exported(ids).logits, demo_model(seed=0).eval()(ids).logits)  # it trained
 
 
-def test_deepspeed_recipe_zero2(tmp_path):
+def test_deepspeed_recipe_zero2_expert_parallel_torchrun(tmp_path):
     _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "recipes/deepspeed/train_moe.py",
           "--deepspeed_config", "recipes/deepspeed/ds_config.json", "--steps", "3", "--length", "32",
-          "--lr", "3e-3", "--output", str(tmp_path)], tmp_path)
+          "--ep-size", "2", "--lr", "3e-3", "--output", str(tmp_path)], tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["zero_stage"] == 2 and len(summary["step_losses"]) == 3
+    assert summary["zero_stage"] == 2 and summary["ep_size"] == 2 and summary["has_moe_layers"]
+    assert len(summary["step_losses"]) == 3
     assert summary["step_losses"][-1] < summary["step_losses"][0]
     assert summary["metrics"]["moe/max_over_mean"] >= 1.0
+    _assert_export_matches_checkpoint(tmp_path)
+
+
+def test_deepspeed_recipe_deepspeed_launcher(tmp_path):
+    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "recipes/deepspeed/train_moe.py",
+          "--deepspeed_config", "recipes/deepspeed/ds_config.json", "--steps", "2", "--length", "32",
+          "--ep-size", "2", "--lr", "3e-3", "--output", str(tmp_path)], tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ranks"] == 2 and summary["ep_size"] == 2 and len(summary["step_losses"]) == 2
