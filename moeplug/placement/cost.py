@@ -4,8 +4,9 @@ Two traffic models (the numbers they give are not comparable with each other):
 
 - "standard" dispatch: every token starts on its data-parallel rank, is sent to the ranks of its k
   experts and comes back, in every MoE layer. Choices of one token on one rank count once (one
-  send per (token, destination rank)); with `dedup=False` every (token, choice) row counts, which
-  is what moeplug's all-to-all sends today. Unless `source_rank` is given, a token's starting rank
+  send per (token, destination rank)), which is what moeplug's all-to-all sends; with `dedup=False`
+  every (token, choice) row counts, as in a dispatch that does not deduplicate
+  (`ExpertParallel.dedup = False`, and most MoE frameworks). Unless `source_rank` is given, a token's starting rank
   is uniform over the P ranks (data parallel), so a send leaves its rank with probability (P-1)/P.
   Placement helps here only by co-locating a token's k experts of one layer and by balancing load.
 - "context_coherent" (ExFlow): a token stays on its expert's rank between layers and pays a hop
@@ -131,7 +132,7 @@ def context_coherent_cost(trace: RoutingTrace, plan: Placement, row_bytes: float
 
 
 def evaluate(trace: RoutingTrace, plan: Placement, row_bytes: float = 1.0, bandwidth: float = 1.0) -> dict[str, Cost]:
-    """Both traffic models, plus the rows moeplug's (non-deduplicating) all-to-all sends."""
+    """Both traffic models, plus "standard_rows": the rows a non-deduplicating dispatch would send."""
     return {"standard": standard_cost(trace, plan, row_bytes, bandwidth),
             "standard_rows": standard_cost(trace, plan, row_bytes, bandwidth, dedup=False),
             "context_coherent": context_coherent_cost(trace, plan, row_bytes, bandwidth)}

@@ -1,11 +1,16 @@
 """Greedy placement: EPLB-style replicas and balanced packing, steered by routing affinity.
 
 Per layer: (1) hand the `replicas` extra slots one at a time to the expert with the highest load
-per copy (DeepSeek EPLB's rule); (2) place copies heaviest first, each on a rank with a free slot
-that holds no copy of it yet (if any), among ranks that stay within `tolerance` of the mean load (or the
-least loaded rank when none does), preferring the rank where the copy saves most traffic:
+per copy (DeepSeek EPLB's rule); (2) pack the copies for balance alone (EPLB's balanced packing:
+heaviest first, each on the least loaded rank with a free slot), which gives the layer's best
+busiest-rank load B; (3) pack again, heaviest first, each copy on a rank with a free slot that holds
+no copy of it yet (if any) and stays within (1 + `tolerance`) * B (or the least loaded rank when none
+does), preferring the rank where the copy saves most traffic:
   - context_coherent: tokens arriving from the previous layer's experts already on that rank;
   - standard: tokens of this layer whose other choice is already on that rank.
+If that affinity packing ends above (1 + tolerance) * B (greedy order can paint itself into a
+corner), the balanced packing of (2) is used for the layer instead, so the busiest rank never
+exceeds (1 + tolerance) times what balance alone reaches.
 """
 
 from __future__ import annotations
@@ -48,15 +53,15 @@ def _affinity(trace: RoutingTrace, layer: int, previous: torch.Tensor | None, co
     return followed
 
 
-def _pack_layer(load: torch.Tensor, copies: torch.Tensor, ranks: int, per_rank: int, tolerance: float,
-                affinity) -> torch.Tensor:
-    """[P, S] slots for one layer (see `_affinity`)."""
-    units = [(float(load[e]) / int(copies[e]), e) for e in range(len(load)) for _ in range(int(copies[e]))]
-    units.sort(key=lambda unit: (-unit[0], unit[1]))
+def _no_affinity(expert: int, table: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(table.shape[0], dtype=torch.float64)
+
+
+def _pack(units: list[tuple[float, int]], ranks: int, per_rank: int, cap: float, affinity, total: float):
+    """(table [P, S], busiest rank's load): place `units` (weight, expert) in order (see the module docstring)."""
     table = torch.full((ranks, per_rank), -1, dtype=torch.long)
     filled = torch.zeros(ranks, dtype=torch.long)
     rank_load = torch.zeros(ranks, dtype=torch.float64)
-    cap = (1 + tolerance) * float(load.sum()) / ranks
     for weight, expert in units:
         open_ = filled < per_rank
         fresh = open_ & ~(table == expert).any(1)
@@ -67,12 +72,25 @@ def _pack_layer(load: torch.Tensor, copies: torch.Tensor, ranks: int, per_rank: 
             within = open_ & (rank_load == rank_load[open_].min())
         gain = affinity(expert, table)
         # Most traffic saved first, then the least loaded rank (lexicographic through a large offset).
-        score = torch.where(within, gain * (1 + float(load.sum())) - rank_load, float("-inf"))
+        score = torch.where(within, gain * (1 + total) - rank_load, float("-inf"))
         rank = int(score.argmax())
         table[rank, filled[rank]] = expert
         filled[rank] += 1
         rank_load[rank] += weight
-    return table
+    return table, float(rank_load.max())
+
+
+def _pack_layer(load: torch.Tensor, copies: torch.Tensor, ranks: int, per_rank: int, tolerance: float,
+                affinity) -> torch.Tensor:
+    """[P, S] slots for one layer: affinity packing within (1 + tolerance) x the balanced packing's peak."""
+    units = [(float(load[e]) / int(copies[e]), e) for e in range(len(load)) for _ in range(int(copies[e]))]
+    units.sort(key=lambda unit: (-unit[0], unit[1]))
+    total = float(load.sum())
+    # A cap of 0 leaves no rank "within": every copy goes to the least loaded open rank (EPLB packing).
+    balanced, peak = _pack(units, ranks, per_rank, 0.0, _no_affinity, total)
+    cap = (1 + tolerance) * peak
+    table, affine_peak = _pack(units, ranks, per_rank, cap, affinity, total)
+    return table if affine_peak <= cap * (1 + 1e-12) else balanced
 
 
 def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_model: str = "context_coherent",
@@ -82,7 +100,8 @@ def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_mo
     Args:
         replicas: extra expert copies per layer; (num_experts + replicas) must divide by ep_size.
         traffic_model: which traffic the affinity term saves ("context_coherent" or "standard").
-        tolerance: a rank may exceed the mean load by this fraction before balance overrides affinity.
+        tolerance: a rank may exceed the balanced packing's busiest rank by this fraction (of its load)
+            to save traffic; 0 keeps each layer as balanced as EPLB's packing.
     """
     if traffic_model not in TRAFFIC_MODELS:
         raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")

@@ -120,3 +120,16 @@ def test_ilp_load_cap_and_its_fallback_when_infeasible():
     fallback = ilp_plan(hot, 2, max_imbalance=1.1, time_limit=20)  # expert 0 alone is 0.8x of a rank's mean
     assert fallback.info["planner"] == "greedy" and fallback.info["used"].startswith("greedy (the ILP found no")
     assert "infeasible" in fallback.info["ilp"]["status"].lower()
+
+
+@pytest.mark.parametrize("tolerance,max_mean,sends", [(0.0, 1.0, 50.0), (0.5, 1.0, 50.0), (1.0, 1.6, 25.0)])
+def test_greedy_tolerance_bounds_the_load_affinity_may_cost(tolerance, max_mean, sends):
+    # Top-2, 2 ranks x 2 slots: 40 tokens pick {0, 1}, 10 pick {2, 3}. Balance wants {0, 2} | {1, 3}
+    # (50/50 tokens, every token sends to both ranks); affinity wants {0, 1} | {2, 3} (80/20, one send each).
+    choices = torch.tensor([[0, 1]] * 40 + [[2, 3]] * 10).view(-1, 1, 2)
+    trace = _trace(choices, 4)
+    plan = greedy_plan(trace, 2, traffic_model="standard", tolerance=tolerance)
+    cost = standard_cost(trace, plan)
+    assert float(cost.max_mean_load.max()) == pytest.approx(max_mean)
+    # Sends with a uniform source rank: a token reaching one rank leaves its own with probability 1/2.
+    assert cost.traffic == pytest.approx(sends)
