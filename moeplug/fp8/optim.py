@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from kernels import _fp8_cpu
 from kernels.fp8 import dequantize_fp8_expanded, quantize_fp8_expanded
 
 __all__ = ["FP8AdamW", "adamw_math"]
@@ -85,6 +86,12 @@ class FP8AdamW(torch.optim.Optimizer):
         amsgrad: only ``False`` is supported; accepted so configs written for AdamW fail loudly.
         group_size: values per quantisation group (COAT: 128).
         min_quantized_numel: parameters with fewer elements keep fp32 moments.
+        fused: how quantised CPU parameters are stepped. ``None`` (default): one fused C++ pass per group
+            (:mod:`kernels._fp8_cpu`, compiled on first use), falling back to the torch path with one
+            warning when it cannot be built; ``True``: the fused pass or an error; ``False``: the torch
+            path (dequantise, :func:`adamw_math`, quantise). The two agree to the last bit of ``log2`` /
+            ``exp2``: a code may differ by one E4M3 step. CUDA parameters always take the torch path
+            with its Triton (de)quantisation kernels.
 
     Quantisation runs through :mod:`kernels.fp8` (Triton kernels for CUDA tensors, torch on CPU).
     """
@@ -100,6 +107,7 @@ class FP8AdamW(torch.optim.Optimizer):
         amsgrad: bool = False,
         group_size: int = 128,
         min_quantized_numel: int = 4096,
+        fused: bool | None = None,
     ) -> None:
         if amsgrad:
             raise ValueError("FP8AdamW does not implement amsgrad=True; use torch.optim.AdamW for AMSGrad")
@@ -117,6 +125,9 @@ class FP8AdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.group_size = group_size
         self.min_quantized_numel = min_quantized_numel
+        if fused not in (None, True, False):
+            raise ValueError(f"fused={fused!r} must be None (automatic), True or False")
+        self.fused = fused
 
     def _init_state(self, param: torch.Tensor) -> dict:
         state = self.state[param]
@@ -145,6 +156,20 @@ class FP8AdamW(torch.optim.Optimizer):
             raise RuntimeError(f"FP8AdamW keeps fp32 master weights, but param {index} is {param.dtype}; "
                                "keep parameters in fp32 and train with autocast")
 
+    def _use_fused(self, param: torch.Tensor) -> bool:
+        """Whether this quantised parameter takes the fused C++ step (see ``fused`` in the class doc)."""
+        if self.fused is False or param.device.type != "cpu":
+            if self.fused and param.device.type != "cpu":
+                raise RuntimeError(f"FP8AdamW(fused=True) runs on CPU tensors only, got one on {param.device}; "
+                                   "use fused=None (the default) to run CUDA tensors through the Triton kernels")
+            return False
+        if _fp8_cpu.load_extension() is None:
+            if self.fused:
+                raise RuntimeError("FP8AdamW(fused=True): the C++ extension could not be built (see the warning "
+                                   "above); pass fused=None or fused=False to use the torch path")
+            return False
+        return True
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
@@ -156,6 +181,7 @@ class FP8AdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"])
+            fused: tuple[list, list, list, list] = ([], [], [], [])  # params, grads, states, steps
             for index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
@@ -165,8 +191,15 @@ class FP8AdamW(torch.optim.Optimizer):
                 step = int(state["step"].item())
                 if state["exp_avg"].dtype == torch.float32:
                     adamw_math(param, param.grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper)
+                elif self._use_fused(param) and param.is_contiguous():
+                    for key in _MOMENTS:  # a loaded state may be a non-contiguous view
+                        state[key] = state[key].contiguous()
+                    for out, item in zip(fused, (param, param.grad.contiguous(), state, step)):
+                        out.append(item)
                 else:
                     _fp8_moments_step(param, param.grad, state, hyper, step, self.group_size)
+            if fused[0]:
+                _fp8_cpu.fp8_adamw_step(*fused, **hyper, group_size=self.group_size)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
