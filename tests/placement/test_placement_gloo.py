@@ -1,7 +1,8 @@
 """Placement on a live 2-rank EP model (gloo): outputs, gradients, optimizer steps and checkpoints equal
 the unplaced EP model's (with and without replicas), and the rows the deduplicating all-to-all actually
 sends equal the cost model's standard-dispatch sends (exact without replicas) and a token-by-token count
-of the ranks each token's choices live on (exact with replicas too)."""
+of the ranks each token's choices live on (exact with replicas too). Data x expert parallel (world 4 =
+2 EP groups x 2): a placed model's outputs and synced gradients equal transformers' own model's."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ PLAN = [[[5, 4, 3], [2, 1, 0]], [[0, 2, 4], [1, 3, 5]]]
 REPLICATED = [[[1, 4, 0, 2], [4, 1, 3, 5]], [[0, 5, 1, 2], [5, 0, 3, 4]]]
 
 
-def _model() -> torch.nn.Module:
+def _model(ep_size: int = WORLD) -> torch.nn.Module:
     model = tiny_model("mixtral").train()
-    moeplug.patch_model(model, ep_size=WORLD)
+    moeplug.patch_model(model, ep_size=ep_size)
     return model
 
 
@@ -38,13 +39,13 @@ def _batch(rank: int) -> torch.Tensor:
 
 
 def _full_experts(model, grads: bool) -> dict[str, torch.Tensor]:
-    """Every expert parameter (or gradient) gathered over ranks, rows in global expert order."""
+    """Every expert parameter (or gradient) gathered over the EP group, rows in global expert order."""
     plan = current_placement(model)
     out = {}
     for name, (param, ep) in expert_parallel_parameters(model).items():
         tensor = (param.grad if grads else param.data).contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(WORLD)]
-        dist.all_gather(parts, tensor)
+        parts = [torch.empty_like(tensor) for _ in range(ep.ep_size)]
+        dist.all_gather(parts, tensor, group=ep.group)
         layer = plan.layer_names.index(name.rsplit(".", 1)[0])
         rows = torch.cat(parts)
         ids = plan.slots[layer].reshape(-1)
@@ -150,3 +151,48 @@ def test_placed_model_matches_unplaced_and_cost_model_counts_rows(tmp_path):
                 assert remote == pytest.approx(result["predicted"], abs=1e-9), (rank, sent, result["predicted"])
             else:  # replicas: copies split by token index, the model assumes an even, independent split
                 assert remote == pytest.approx(result["predicted"], rel=0.1), (rank, sent, result["predicted"])
+
+
+def _dp_ep_worker(rank: int, port: int, world: int, path: str) -> None:
+    """World `world`, EP 2: each plan applied to a fresh model; one step's logits and synced gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        results = {}
+        for name, slots in (("plain", PLAN), ("replicas", REPLICATED)):
+            model = _model(ep_size=2)
+            apply_placement(model, Placement(torch.tensor(slots), 6, current_placement(model).layer_names))
+            out = model(_batch(rank), labels=_batch(rank))
+            out.loss.backward()
+            allreduce_gradients(model)  # replica sum, then the mean over all 4 ranks' losses
+            experts = _full_experts(model, grads=True)
+            grads = {n: p.grad for n, p in model.named_parameters() if n not in experts}
+            results[name] = {"logits": out.logits.detach(), "grads": {**grads, **experts}}
+        torch.save(results, f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_and_expert_parallel_placed_model_matches_transformers(tmp_path):
+    world = 4
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = str(tmp_path / "result")
+    mp.spawn(_dp_ep_worker, args=(port, world, path), nprocs=world, join=True)
+    # Oracle: transformers' unpatched model on every rank's batch; the objective is the mean of the losses.
+    reference = tiny_model("mixtral").train()
+    ref_logits = []
+    for rank in range(world):
+        out = reference(_batch(rank), labels=_batch(rank))
+        (out.loss / world).backward()
+        ref_logits.append(out.logits.detach())
+    ref_grads = {n: p.grad for n, p in reference.named_parameters()}
+    for rank in range(world):
+        for name, result in torch.load(f"{path}.{rank}").items():
+            # fp32; only the order of summing token rows and ranks differs.
+            torch.testing.assert_close(result["logits"], ref_logits[rank], atol=1e-5, rtol=0, msg=f"{name} rank {rank}")
+            assert result["grads"].keys() == ref_grads.keys()
+            for param, grad in result["grads"].items():
+                torch.testing.assert_close(grad, ref_grads[param], atol=1e-5, rtol=0, msg=f"{name} rank {rank} {param}")
