@@ -25,11 +25,12 @@ def _moments(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
                  for k in ("exp_avg", "exp_avg_sq"))
 
 
-def test_50_steps_track_torch_adamw_with_resync():
+@pytest.mark.parametrize("fused", [None, False], ids=["fused-cpu", "torch-path"])
+def test_50_steps_track_torch_adamw_with_resync(fused):
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in SHAPES]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
-    opt, ref_opt = FP8AdamW(_groups(ours), **HYPER), torch.optim.AdamW(_groups(ref), **HYPER)
+    opt, ref_opt = FP8AdamW(_groups(ours), fused=fused, **HYPER), torch.optim.AdamW(_groups(ref), **HYPER)
     for _ in range(50):
         for p, q in zip(ours, ref):
             p.grad = torch.randn_like(p) * torch.rand(()) * 0.1  # gradient scale changes step to step
