@@ -5,14 +5,19 @@ corpus of benchmarks/global_balance.py, records routing traces on training text 
 held-out text (to evaluate), and compares placements for 4 ranks: contiguous (moeplug's default),
 random, greedy (context-coherent and standard affinity), greedy + replicas, and the HiGHS ILP.
 Reports per placement, on held-out text: standard-dispatch sends (a token's choices on one rank
-count once), context-coherent hops (all k x k pairs), rows moeplug's all-to-all sends, and max/mean
-rank load; then, with --measure, the median forward+backward step time of the 4-process gloo EP
-model under contiguous vs the planned placements (CPU: 2 cores shared by 4 processes -- noisy).
+count once: what moeplug's deduplicating all-to-all sends), rows a per-(token, choice) dispatch
+sends, context-coherent hops (all k x k pairs), and max/mean rank load; a sweep of how many
+replicas per layer bring max/mean under 1.1; then, with --measure, the median forward+backward
+step time of the 4-process gloo EP model on held-out text and the rows its all-to-alls really
+sent, for contiguous vs planned placements, each with the deduplicating dispatch and with the
+per-choice one, interleaved step by step (CPU: 2 cores shared by 4 processes -- noisy).
 
     .venv/bin/python benchmarks/placement.py --abstracts ../shared/data/abstracts.txt --measure
-    .venv/bin/python benchmarks/placement.py --smoke        # a minute or two, for CI
+    .venv/bin/python benchmarks/placement.py --load benchmarks/out/placement/model.pt --measure  # no training
+    .venv/bin/python benchmarks/placement.py --smoke        # seconds, for CI
 
-Writes result.json (and the trained weights, model.pt) to --out (default benchmarks/out/placement).
+Writes result.json, the traces (fit/held_out .safetensors) and the trained weights (model.pt) to
+--out (default benchmarks/out/placement).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from global_balance import add_training_args, make_model, split_domains, windows
 
 import moeplug  # noqa: E402
 from moeplug import BalanceController  # noqa: E402
+from moeplug.dispatch import count_traffic, expert_parallel_parameters  # noqa: E402
 from moeplug.placement import Placement, apply_placement, evaluate, greedy_plan, ilp_plan  # noqa: E402
 from moeplug.placement.recipe import collect_trace  # noqa: E402
 
@@ -43,6 +49,9 @@ RANKS = 4
 
 def train(args, train_data):
     model = make_model(args, balance="global")
+    if args.load is not None:  # a model trained by an earlier run of this script (same model options)
+        model.load_state_dict(torch.load(args.load))
+        return model.eval(), 0, 0.0
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     BalanceController(model, optimizer)
     generator = torch.Generator().manual_seed(args.seed)
@@ -86,6 +95,7 @@ def plans(trace, args) -> dict[str, Placement]:
         "random": Placement(random, experts),
         "greedy_coherent": greedy_plan(trace, RANKS, traffic_model="context_coherent"),
         "greedy_standard": greedy_plan(trace, RANKS, traffic_model="standard"),
+        "greedy_coherent_tol0.1": greedy_plan(trace, RANKS, traffic_model="context_coherent", tolerance=0.1),
         f"greedy_replicas{args.replicas}": greedy_plan(trace, RANKS, replicas=args.replicas,
                                                        traffic_model="context_coherent"),
         "ilp_coherent": ilp_plan(trace, RANKS, "context_coherent", time_limit=args.ilp_seconds),
@@ -93,7 +103,12 @@ def plans(trace, args) -> dict[str, Placement]:
     }
 
 
-def _measure_worker(rank, port, args, state_path, slot_tables, result_path):
+def _set_dedup(model, dedup: bool) -> None:
+    for _, ep in expert_parallel_parameters(model).values():
+        ep.dedup = dedup
+
+
+def _measure_worker(rank, port, args, state_path, slot_tables, ids, result_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=RANKS)
     torch.set_num_threads(1)
@@ -101,34 +116,56 @@ def _measure_worker(rank, port, args, state_path, slot_tables, result_path):
     model.load_state_dict(torch.load(state_path))
     moeplug.unpatch_model(model)
     moeplug.patch_model(model.train(), ep_size=RANKS)
-    generator = torch.Generator().manual_seed(100 + rank)
-    ids = [torch.randint(0, 256, (args.batch, args.length), generator=generator) for _ in range(args.measure_steps)]
-    times = {}
-    for name, slots in slot_tables.items():  # interleaved rounds so machine load hits all alike
-        apply_placement(model, Placement(slots, args.experts))
-        for step_ids in ids:
-            dist.barrier()
-            started = time.perf_counter()
-            model(step_ids, labels=step_ids).loss.backward()
-            model.zero_grad(set_to_none=True)
-            elapsed = torch.tensor([time.perf_counter() - started])
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-            times.setdefault(name, []).append(float(elapsed))
+    times, rows = {}, {}
+    # Step by step, every (placement, dispatch) in turn, so machine load drifts over all of them alike.
+    for step_ids in ids[rank]:
+        for name, slots in slot_tables.items():
+            apply_placement(model, Placement(slots, args.experts))
+            for dedup in (True, False):
+                _set_dedup(model, dedup)
+                key = f"{name}/{'dedup' if dedup else 'per_choice'}"
+                dist.barrier()
+                with count_traffic() as sent:
+                    started = time.perf_counter()
+                    model(step_ids, labels=step_ids).loss.backward()
+                    elapsed = torch.tensor([time.perf_counter() - started])
+                model.zero_grad(set_to_none=True)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank does
+                remote = torch.tensor([float(sum(c.sum() - c[r] for r, c in sent))])
+                dist.all_reduce(remote)
+                times.setdefault(key, []).append(float(elapsed))
+                rows.setdefault(key, []).append(float(remote))
     if rank == 0:
-        torch.save(times, result_path)
+        torch.save({"times": times, "rows": rows}, result_path)
     dist.destroy_process_group()
 
 
-def measure(args, model, chosen: dict[str, Placement]) -> dict:
-    state_path, result_path = args.out / "model.pt", args.out / "times.pt"
+def measure(args, model, chosen: dict[str, Placement], held_out) -> dict:
+    """Median step seconds and cross-rank rows per step (all ranks, one direction) per placement/dispatch."""
+    state_path, result_path = args.out / "measured_model.pt", args.out / "times.pt"
     torch.save(model.state_dict(), state_path)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     tables = {name: plan.slots for name, plan in chosen.items()}
-    mp.spawn(_measure_worker, args=(port, args, str(state_path), tables, str(result_path)), nprocs=RANKS)
-    times = torch.load(result_path)
-    return {name: statistics.median(t[1:]) for name, t in times.items()}  # first step warms up
+    # Held-out text, a different batch per rank and step (the first step of each warms up).
+    steps = batches(held_out, args, 3, (args.measure_steps + 1) * RANKS // len(held_out) + 1)
+    ids = [steps[r::RANKS][: args.measure_steps + 1] for r in range(RANKS)]
+    mp.spawn(_measure_worker, args=(port, args, str(state_path), tables, ids, str(result_path)), nprocs=RANKS)
+    found = torch.load(result_path)
+    return {key: {"step_s": statistics.median(t[1:]), "cross_rank_rows_per_step": statistics.mean(found["rows"][key][1:])}
+            for key, t in found["times"].items()}
+
+
+def replica_sweep(fit, test, counts) -> dict:
+    """Worst-layer max/mean rank load on fit and held-out traces, balance-only greedy, per replica count."""
+    sweep = {}
+    for replicas in counts:
+        plan = greedy_plan(fit, RANKS, replicas=replicas, traffic_model="context_coherent", tolerance=0.0)
+        sweep[replicas] = {"fit": float(evaluate(fit, plan)["standard"].max_mean_load.max()),
+                           "held_out": float(evaluate(test, plan)["standard"].max_mean_load.max()),
+                           "held_out_layer_mean": float(evaluate(test, plan)["standard"].max_mean_load.mean())}
+    return sweep
 
 
 def main() -> None:
@@ -136,29 +173,35 @@ def main() -> None:
     add_training_args(parser, steps=400, micro_batches=2, length=128, layers=6, hidden=96, expert_width=96,
                       coef=0.01)
     parser.add_argument("--train-minutes", type=float, default=12.0, help="stop training after this long")
+    parser.add_argument("--load", type=Path, help="model.pt of an earlier run (same model options): skip training")
     parser.add_argument("--trace-batches", type=int, default=16, help="per domain, for planning and for evaluation")
-    parser.add_argument("--replicas", type=int, default=4)
+    parser.add_argument("--replicas", type=int, default=8)
+    parser.add_argument("--replica-sweep", default="0,4,8,12,16", help="replica counts for the balance sweep")
     parser.add_argument("--ilp-seconds", type=float, default=60.0)
     parser.add_argument("--measure", action="store_true", help="time the 4-process EP model per placement")
-    parser.add_argument("--measure-steps", type=int, default=6)
+    parser.add_argument("--measure-steps", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "placement")
     args = parser.parse_args()
     if args.smoke:
-        args.steps, args.layers, args.hidden, args.expert_width, args.length = 2, 2, 32, 32, 32
-        args.trace_batches, args.ilp_seconds, args.measure_steps, args.experts = 1, 2, 2, 8
+        args.steps, args.layers, args.hidden, args.expert_width, args.length, args.batch = 2, 2, 32, 32, 32, 2
+        args.trace_batches, args.ilp_seconds, args.measure_steps, args.experts, args.replicas = 1, 1, 1, 8, 4
+        args.replica_sweep = "0,4"
     torch.manual_seed(args.seed)
     train_data, held_out = split_domains(args.abstracts)
     model, steps, seconds = train(args, train_data)
     fit = collect_trace(model, batches(train_data, args, 1, args.trace_batches))
     test = collect_trace(model, batches(held_out, args, 2, args.trace_batches))
+    args.out.mkdir(parents=True, exist_ok=True)
+    fit.save(args.out / "fit.safetensors")
+    test.save(args.out / "held_out.safetensors")
     chosen = plans(fit, args)
     row_bytes = args.hidden * 4
     rows = {}
     for name, plan in chosen.items():
         costs = evaluate(test, plan, row_bytes=row_bytes, bandwidth=50e9)
         rows[name] = {"standard_sends": costs["standard"].traffic, "coherent_hops": costs["context_coherent"].traffic,
-                      "moeplug_rows": costs["standard_rows"].traffic,
+                      "per_choice_rows": costs["standard_rows"].traffic,
                       "max_mean_load": float(costs["standard"].max_mean_load.max()),
                       "max_mean_load_mean": float(costs["standard"].max_mean_load.mean()),
                       "plan_info": {k: v for k, v in plan.info.items() if k != "traffic_model"}}
@@ -166,20 +209,25 @@ def main() -> None:
     for row in rows.values():
         row["standard_vs_contiguous"] = row["standard_sends"] / base["standard_sends"] - 1
         row["coherent_vs_contiguous"] = row["coherent_hops"] / base["coherent_hops"] - 1
+    sweep = replica_sweep(fit, test, [int(v) for v in args.replica_sweep.split(",")])
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "train_steps": steps, "train_s": seconds,
               "held_out_tokens": test.tokens, "affinity_fit": affinity_stats(fit), "affinity_held_out": affinity_stats(test),
-              "placements": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
+              "placements": rows, "replica_sweep": sweep}
+    if args.load is None:
+        torch.save(model.state_dict(), args.out / "model.pt")
     if args.measure:
-        result["step_s"] = measure(args, model, chosen)
+        measured = ["contiguous", "greedy_coherent", f"greedy_replicas{args.replicas}", "ilp_standard"]
+        result["measured"] = measure(args, model, {name: chosen[name] for name in measured}, held_out)
     (args.out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(f"trained {steps} steps in {seconds:.0f} s; held-out tokens {test.tokens}; affinity {result['affinity_held_out']}")
-    print(f"{'placement':<20} {'std sends':>10} {'vs contig':>9} {'coh hops':>10} {'vs contig':>9} {'max/mean':>8}"
-          f"{' step s' if args.measure else ''}")
+    print(f"{'placement':<24} {'std sends':>10} {'vs contig':>9} {'coh hops':>10} {'vs contig':>9} {'max/mean':>8}")
     for name, row in rows.items():
-        step = f" {result['step_s'][name]:.3f}" if args.measure else ""
-        print(f"{name:<20} {row['standard_sends']:>10.0f} {row['standard_vs_contiguous']:>+9.1%} "
-              f"{row['coherent_hops']:>10.0f} {row['coherent_vs_contiguous']:>+9.1%} {row['max_mean_load']:>8.3f}{step}")
+        print(f"{name:<24} {row['standard_sends']:>10.0f} {row['standard_vs_contiguous']:>+9.1%} "
+              f"{row['coherent_hops']:>10.0f} {row['coherent_vs_contiguous']:>+9.1%} {row['max_mean_load']:>8.3f}")
+    print("replicas per layer -> worst-layer max/mean (fit, held-out):",
+          {r: (round(v["fit"], 3), round(v["held_out"], 3)) for r, v in sweep.items()})
+    for key, found in result.get("measured", {}).items():
+        print(f"{key:<36} step {found['step_s']:.3f} s  cross-rank rows/step {found['cross_rank_rows_per_step']:.0f}")
 
 
 if __name__ == "__main__":
