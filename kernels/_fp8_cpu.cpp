@@ -92,69 +92,83 @@ inline CodeLanes load_codes(const uint8_t* codes, int64_t n, const __m512* table
 }
 #endif
 
-// Decode codes[0:count] into x[0:padded] (zeros past count): x = sign(q) * amax * (|q|/448)^(1/k),
-// computed as kernels.fp8.dequantize_fp8_expanded_torch does, 2^(log2|q|/k + log2(amax) - log2(448)/k).
-void dequantize_group(const uint8_t* codes, float amax, uint8_t k16, int64_t count, int64_t padded,
-                      float* x, float* scratch) {
+// The SLEEF routines are calls that clobber every vector register, so each stage below is its own loop
+// over a group (L1-resident) and the calls run in a tight loop of their own, over both moments at once.
+
+// Exponents t = log2|q|/k + log2(amax) - log2(448)/k of codes[0:count] into t[0:padded] (the dequantised
+// magnitude is 2^t, as kernels.fp8.dequantize_fp8_expanded_torch computes it).
+void dequantize_exponents(const uint8_t* codes, float amax, uint8_t k16, int64_t count, int64_t padded, float* t) {
   const float inv_k = 16.0f / static_cast<float>(k16);
   const float offset = std::log2(std::max(amax, kTiny)) - kC.log2_448 * inv_k;
 #if defined(CPU_CAPABILITY_AVX512)
   __m512 table[8];
   for (int j = 0; j < 8; ++j) table[j] = _mm512_loadu_ps(kC.log2_code + 16 * j);
-  for (int64_t i = 0; i < padded; i += 16) {
-    const CodeLanes lanes = load_codes(codes + i, count - i, table);
-    const Vec t = Vec(lanes.log2_q) * Vec(inv_k) + Vec(offset);
-    const __m512 magnitude = _mm512_maskz_mov_ps(lanes.nonzero, t.exp2());
-    _mm512_storeu_ps(x + i, _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(magnitude), lanes.sign)));
-  }
+  for (int64_t i = 0; i < padded; i += 16)
+    (Vec(load_codes(codes + i, count - i, table).log2_q) * Vec(inv_k) + Vec(offset)).store(t + i);
 #else
-  for (int64_t i = 0; i < padded; ++i) {
-    const float lq = kC.log2_code[i < count ? codes[i] & 0x7F : 0];
-    scratch[i] = lq * inv_k + offset;
-  }
-  vec_map(scratch, scratch, padded, [](Vec t) { return t.exp2(); });
-  for (int64_t i = 0; i < padded; ++i) {
-    const uint8_t code = i < count ? codes[i] : 0;
-    const float magnitude = (code & 0x7F) ? scratch[i] : 0.0f;
-    x[i] = (code & 0x80) ? -magnitude : magnitude;
-  }
+  for (int64_t i = 0; i < padded; ++i) t[i] = kC.log2_code[i < count ? codes[i] & 0x7F : 0] * inv_k + offset;
 #endif
 }
 
-// Encode x[0:padded] into codes[0:count], *amax and *k16 as kernels.fp8.quantize_fp8_expanded_torch does.
-void quantize_group(const float* x, int64_t count, int64_t padded, uint8_t* codes, float* amax_out,
-                    uint8_t* k16_out, float* log_mag) {
-  // One vectorised pass for amax, log2 of the clamped magnitudes, and their max and min over non-zeros
-  // (scalar float max/min reductions do not vectorise without fast-math).
-  const Vec tiny(kTiny), inf(std::numeric_limits<float>::infinity());
-  Vec vmax(0.0f), vlog_max(-std::numeric_limits<float>::infinity()), vlog_min = inf;
-  for (int64_t i = 0; i < padded; i += Vec::size()) {
-    const Vec mag = Vec::loadu(x + i).abs();
-    const Vec lm = Vec::blendv(tiny, mag, mag > tiny).log2();
-    lm.store(log_mag + i);
-    vmax = Vec::blendv(vmax, mag, mag > vmax);  // plain max: at::vec::maximum's NaN checks cost
-    vlog_max = Vec::blendv(vlog_max, lm, lm > vlog_max);
-    vlog_min = Vec::blendv(vlog_min, lm, (lm < vlog_min) & (mag >= tiny));
+// x = sign(q) * 2^t, zero for zero codes (x holds 2^t on entry).
+void apply_signs(const uint8_t* codes, int64_t count, int64_t padded, float* x) {
+  for (int64_t i = 0; i < padded; ++i) {
+    const uint8_t code = i < count ? codes[i] : 0;
+    const float magnitude = (code & 0x7F) ? x[i] : 0.0f;
+    x[i] = (code & 0x80) ? -magnitude : magnitude;
   }
-  float lanes[3][Vec::size()];
-  vmax.store(lanes[0]);
-  vlog_max.store(lanes[1]);
-  vlog_min.store(lanes[2]);
-  const float amax = *std::max_element(lanes[0], lanes[0] + Vec::size());
-  const float log_max = *std::max_element(lanes[1], lanes[1] + Vec::size());
-  const float log_min = *std::min_element(lanes[2], lanes[2] + Vec::size());
-  // torch evaluates `range / ratio * 16` as reciprocal(ratio) * range * 16 (Tensor.__rtruediv__).
-  const float k16f = std::floor((1.0f / (log_max - log_min)) * kC.log2_range * 16.0f);
-  const uint8_t k16 = static_cast<uint8_t>(std::min(std::max(k16f, 1.0f), 255.0f));
-  const float k = static_cast<float>(k16) / 16.0f;
-  const float offset = kC.log2_448 - k * log_max;
-  vec_map(log_mag, log_mag, padded, [&](Vec t) { return (t * Vec(k) + Vec(offset)).exp2(); });
-  for (int64_t i = 0; i < count; ++i) {
-    const float q = std::fabs(x[i]) >= kTiny ? log_mag[i] : 0.0f;
-    codes[i] = encode_e4m3(std::signbit(x[i]) ? -q : q);
+}
+
+// Decode both moments' codes into mv[0:2*padded] (m then v, zeros past count).
+void dequantize_pair(const uint8_t* const codes[2], const float* amax, const uint8_t* const k16[2], int64_t count,
+                     int64_t padded, float* mv) {
+  for (int j = 0; j < 2; ++j) dequantize_exponents(codes[j], amax[j], *k16[j], count, padded, mv + j * padded);
+  vec_map(mv, mv, 2 * padded, [](Vec t) { return t.exp2(); });
+  for (int j = 0; j < 2; ++j) apply_signs(codes[j], count, padded, mv + j * padded);
+}
+
+// Encode both moments mv[0:2*padded] into their codes[0:count], amax and k16, as
+// kernels.fp8.quantize_fp8_expanded_torch does; scratch holds 2*padded floats.
+void quantize_pair(const float* mv, int64_t count, int64_t padded, uint8_t* const codes[2], float* const amax_out[2],
+                   uint8_t* const k16_out[2], float* scratch) {
+  for (int64_t i = 0; i < 2 * padded; ++i) scratch[i] = std::max(std::fabs(mv[i]), kTiny);
+  vec_map(scratch, scratch, 2 * padded, [](Vec m) { return m.log2(); });
+  const Vec tiny(kTiny);
+  for (int j = 0; j < 2; ++j) {
+    const float* x = mv + j * padded;
+    float* log_mag = scratch + j * padded;
+    // amax, and max and min of log2 over non-zeros, as vector reductions (scalar float max/min do not
+    // vectorise without fast-math; at::vec::maximum's NaN checks cost, moments are finite).
+    Vec vmax(0.0f), vlog_max(-std::numeric_limits<float>::infinity()), vlog_min(std::numeric_limits<float>::infinity());
+    for (int64_t i = 0; i < padded; i += Vec::size()) {
+      const Vec mag = Vec::loadu(x + i).abs(), lm = Vec::loadu(log_mag + i);
+      vmax = Vec::blendv(vmax, mag, mag > vmax);
+      vlog_max = Vec::blendv(vlog_max, lm, lm > vlog_max);
+      vlog_min = Vec::blendv(vlog_min, lm, (lm < vlog_min) & (mag >= tiny));
+    }
+    float lanes[3][Vec::size()];
+    vmax.store(lanes[0]);
+    vlog_max.store(lanes[1]);
+    vlog_min.store(lanes[2]);
+    const float log_max = *std::max_element(lanes[1], lanes[1] + Vec::size());
+    const float log_min = *std::min_element(lanes[2], lanes[2] + Vec::size());
+    // torch evaluates `range / ratio * 16` as reciprocal(ratio) * range * 16 (Tensor.__rtruediv__).
+    const float k16f = std::floor((1.0f / (log_max - log_min)) * kC.log2_range * 16.0f);
+    const uint8_t k16 = static_cast<uint8_t>(std::min(std::max(k16f, 1.0f), 255.0f));
+    const float k = static_cast<float>(k16) / 16.0f;
+    const float offset = kC.log2_448 - k * log_max;
+    for (int64_t i = 0; i < padded; ++i) log_mag[i] = log_mag[i] * k + offset;
+    *amax_out[j] = *std::max_element(lanes[0], lanes[0] + Vec::size());
+    *k16_out[j] = k16;
   }
-  *amax_out = amax;
-  *k16_out = k16;
+  vec_map(scratch, scratch, 2 * padded, [](Vec t) { return t.exp2(); });
+  for (int j = 0; j < 2; ++j) {
+    const float* x = mv + j * padded;
+    const float* q = scratch + j * padded;
+    for (int64_t i = 0; i < count; ++i)
+      codes[j][i] = encode_e4m3(std::signbit(x[i]) ? -(std::fabs(x[i]) >= kTiny ? q[i] : 0.0f)
+                                                   : (std::fabs(x[i]) >= kTiny ? q[i] : 0.0f));
+  }
 }
 
 struct Hyper {
@@ -193,27 +207,37 @@ void fp8_adamw_step(std::vector<at::Tensor> params, std::vector<at::Tensor> grad
   const Hyper h{static_cast<float>(1 - lr * weight_decay), static_cast<float>(1 - beta1),
                 static_cast<float>(beta2), static_cast<float>(1 - beta2), static_cast<float>(eps)};
   const int64_t padded = std::max<int64_t>(group_size, Vec::size());
+  // Raw pointers once per tensor: data_ptr<T>() checks dtype and storage, which per group costs ~10%.
+  struct Pointers {
+    float *param, *amax[2];
+    const float* grad;
+    uint8_t *codes[2], *k16[2];
+    int64_t numel;
+    float bias_correction2_sqrt, step_size;
+  };
+  std::vector<Pointers> ptrs(n_tensors);
+  for (size_t t = 0; t < n_tensors; ++t)
+    ptrs[t] = {params[t].data_ptr<float>(), {m_amax[t].data_ptr<float>(), v_amax[t].data_ptr<float>()},
+               grads[t].data_ptr<float>(), {m_codes[t].data_ptr<uint8_t>(), v_codes[t].data_ptr<uint8_t>()},
+               {m_k16[t].data_ptr<uint8_t>(), v_k16[t].data_ptr<uint8_t>()}, params[t].numel(),
+               static_cast<float>(bias_correction2_sqrt[t]), static_cast<float>(-lr / bias_correction1[t])};
   at::parallel_for(0, first_group[n_tensors], 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buffer(3 * padded);
+    std::vector<float> buffer(4 * padded);
     float *m = buffer.data(), *v = m + padded, *scratch = v + padded;
     size_t t = std::upper_bound(first_group.begin(), first_group.end(), begin) - first_group.begin() - 1;
     for (int64_t group = begin; group < end; ++group) {
       while (group >= first_group[t + 1]) ++t;
+      const Pointers& p = ptrs[t];
       const int64_t local = group - first_group[t];
       const int64_t start = local * group_size;
-      const int64_t count = std::min(group_size, params[t].numel() - start);
-      uint8_t* mc = m_codes[t].data_ptr<uint8_t>() + start;
-      uint8_t* vc = v_codes[t].data_ptr<uint8_t>() + start;
-      float* ma = m_amax[t].data_ptr<float>() + local;
-      float* va = v_amax[t].data_ptr<float>() + local;
-      uint8_t* mk = m_k16[t].data_ptr<uint8_t>() + local;
-      uint8_t* vk = v_k16[t].data_ptr<uint8_t>() + local;
-      dequantize_group(mc, *ma, *mk, count, padded, m, scratch);
-      dequantize_group(vc, *va, *vk, count, padded, v, scratch);
-      adamw_group(params[t].data_ptr<float>() + start, grads[t].data_ptr<float>() + start, m, v, count, h,
-                  static_cast<float>(bias_correction2_sqrt[t]), static_cast<float>(-lr / bias_correction1[t]));
-      quantize_group(m, count, padded, mc, ma, mk, scratch);
-      quantize_group(v, count, padded, vc, va, vk, scratch);
+      const int64_t count = std::min(group_size, p.numel - start);
+      uint8_t* const codes[2] = {p.codes[0] + start, p.codes[1] + start};
+      float* const amax[2] = {p.amax[0] + local, p.amax[1] + local};
+      uint8_t* const k16[2] = {p.k16[0] + local, p.k16[1] + local};
+      const float old_amax[2] = {*amax[0], *amax[1]};
+      dequantize_pair(codes, old_amax, k16, count, padded, m);
+      adamw_group(p.param + start, p.grad + start, m, v, count, h, p.bias_correction2_sqrt, p.step_size);
+      quantize_pair(m, count, padded, codes, amax, k16, scratch);
     }
   });
 }
