@@ -142,7 +142,20 @@ def objective(trace: RoutingTrace, plan: Placement, traffic_model: str, balance_
     """What the planners minimise: cross-rank rows + balance_weight * sum over layers of the busiest
     rank's load (both in tokens, so balance_weight = 1 prices a token of bottleneck compute like a
     token moved)."""
+    _check(trace, plan)
+    return objective_of_share(trace, plan.rank_share(), traffic_model, balance_weight)
+
+
+def objective_of_share(trace: RoutingTrace, share: torch.Tensor, traffic_model: str, balance_weight: float) -> float:
+    """`objective` from the [L, E, P] rank shares of a plan (`Placement.rank_share`): cheap to re-evaluate
+    after changing one layer's share, which is what local search does."""
     if traffic_model not in TRAFFIC_MODELS:
         raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
-    cost = standard_cost(trace, plan) if traffic_model == "standard" else context_coherent_cost(trace, plan)
-    return cost.traffic + balance_weight * float(cost.rank_load.max(1).values.sum())
+    peaks = float(torch.einsum("le,lep->lp", trace.counts, share).max(1).values.sum())
+    if traffic_model == "standard":
+        ranks = share.shape[-1]
+        traffic = float(_destinations(trace, share).sum()) * (ranks - 1) / ranks  # uniform source rank
+    else:
+        moves = trace.transitions
+        traffic = float(moves.sum() - torch.einsum("lef,lep,lfp->", moves, share[:-1], share[1:]))
+    return traffic + balance_weight * peaks

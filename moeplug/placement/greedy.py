@@ -10,7 +10,8 @@ does), preferring the rank where the copy saves most traffic:
   - standard: tokens of this layer whose other choice is already on that rank.
 If that affinity packing ends above (1 + tolerance) * B (greedy order can paint itself into a
 corner), the balanced packing of (2) is used for the layer instead, so the busiest rank never
-exceeds (1 + tolerance) times what balance alone reaches.
+exceeds (1 + tolerance) times what balance alone reaches. Finally (4) `refine_plan` swaps experts
+between ranks while the planners' objective falls, never making a layer's busiest rank heavier.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from .cost import TRAFFIC_MODELS
 from .plan import Placement
+from .refine import refine_plan
 from .trace import RoutingTrace
 
 
@@ -94,7 +96,7 @@ def _pack_layer(load: torch.Tensor, copies: torch.Tensor, ranks: int, per_rank: 
 
 
 def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_model: str = "context_coherent",
-                tolerance: float = 0.05) -> Placement:
+                tolerance: float = 0.05, refine_seconds: float = 10.0) -> Placement:
     """Place every layer's experts on `ep_size` ranks, layer by layer (see the module docstring).
 
     Args:
@@ -102,6 +104,7 @@ def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_mo
         traffic_model: which traffic the affinity term saves ("context_coherent" or "standard").
         tolerance: a rank may exceed the balanced packing's busiest rank by this fraction (of its load)
             to save traffic; 0 keeps each layer as balanced as EPLB's packing.
+        refine_seconds: time for the local search (`refine_plan`, balance_weight 1); 0 skips it.
     """
     if traffic_model not in TRAFFIC_MODELS:
         raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
@@ -116,6 +119,7 @@ def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_mo
         previous = layers[-1] if layers else None
         affinity = _affinity(trace, layer, previous, copies, traffic_model, ep_size)
         layers.append(_pack_layer(load, copies, ep_size, per_rank, tolerance, affinity))
-    return Placement(torch.stack(layers), experts, list(trace.layer_names),
+    plan = Placement(torch.stack(layers), experts, list(trace.layer_names),
                      {"planner": "greedy", "replicas": replicas, "traffic_model": traffic_model,
                       "tolerance": tolerance})
+    return refine_plan(trace, plan, traffic_model, time_limit=refine_seconds) if refine_seconds > 0 else plan

@@ -17,6 +17,13 @@ import torch
 PLAN_FILE = "placement.json"
 
 
+def rank_share(slots: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[..., E, P] share of expert e's tokens served by rank r for slot tables [..., P, S]."""
+    one_hot = torch.nn.functional.one_hot(slots, num_experts).double()  # [..., P, S, E]
+    per_rank = one_hot.sum(-2).transpose(-1, -2)  # [..., E, P] copies of e on r
+    return per_rank / per_rank.sum(-1, keepdim=True)
+
+
 @dataclass
 class Placement:
     """Expert -> rank slots for each MoE layer (see the module docstring)."""
@@ -57,9 +64,7 @@ class Placement:
 
     def rank_share(self) -> torch.Tensor:
         """[L, E, P] share of expert e's tokens served by rank r (copies split tokens evenly)."""
-        one_hot = torch.nn.functional.one_hot(self.slots, self.num_experts).double()  # [L, P, S, E]
-        per_rank = one_hot.sum(2).transpose(1, 2)  # [L, E, P] copies of e on r
-        return per_rank / per_rank.sum(-1, keepdim=True)
+        return rank_share(self.slots, self.num_experts)
 
     @classmethod
     def contiguous(cls, num_layers: int, num_experts: int, ep_size: int, layer_names: list[str] | None = None) -> Placement:

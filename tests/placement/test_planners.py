@@ -73,10 +73,8 @@ def _brute_force(trace: RoutingTrace, ranks: int, traffic_model: str) -> list[tu
     return found
 
 
-@pytest.mark.parametrize("traffic_model", ["context_coherent", "standard"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_ilp_reaches_the_brute_force_optimum_and_beats_greedy(traffic_model, seed):
-    # Skewed random top-2 routing: 2 layers x 6 experts on 2 ranks (10 x 20 placements up to rank symmetry).
+def _skewed_trace(seed: int) -> RoutingTrace:
+    """Skewed random top-2 routing: 2 layers x 6 experts (2 ranks: 10 x 20 placements up to rank symmetry)."""
     generator = torch.Generator().manual_seed(seed)
     weights = torch.rand(6, generator=generator) ** 2 + 0.05
     first = torch.multinomial(weights.expand(300, -1), 2, generator=generator)
@@ -84,7 +82,13 @@ def test_ilp_reaches_the_brute_force_optimum_and_beats_greedy(traffic_model, see
     second = torch.where(torch.rand(300, 1, generator=generator) < 0.7, follow[first],
                          torch.multinomial(weights.expand(300, -1), 2, generator=generator))
     second = torch.where(second[:, :1] == second[:, 1:], torch.stack([second[:, 0], (second[:, 0] + 1) % 6], 1), second)
-    trace = _trace(torch.stack([first, second], 1), 6)
+    return _trace(torch.stack([first, second], 1), 6)
+
+
+@pytest.mark.parametrize("traffic_model", ["context_coherent", "standard"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ilp_reaches_the_brute_force_optimum_and_beats_greedy(traffic_model, seed):
+    trace = _skewed_trace(seed)
     every_plan = _brute_force(trace, 2, traffic_model)
     for balance_weight in (0.5, 2.0):
         plan = ilp_plan(trace, 2, traffic_model=traffic_model, balance_weight=balance_weight, time_limit=20,
@@ -128,8 +132,21 @@ def test_greedy_tolerance_bounds_the_load_affinity_may_cost(tolerance, max_mean,
     # (50/50 tokens, every token sends to both ranks); affinity wants {0, 1} | {2, 3} (80/20, one send each).
     choices = torch.tensor([[0, 1]] * 40 + [[2, 3]] * 10).view(-1, 1, 2)
     trace = _trace(choices, 4)
-    plan = greedy_plan(trace, 2, traffic_model="standard", tolerance=tolerance)
+    plan = greedy_plan(trace, 2, traffic_model="standard", tolerance=tolerance, refine_seconds=0)
     cost = standard_cost(trace, plan)
     assert float(cost.max_mean_load.max()) == pytest.approx(max_mean)
     # Sends with a uniform source rank: a token reaching one rank leaves its own with probability 1/2.
     assert cost.traffic == pytest.approx(sends)
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_refine_reaches_the_brute_force_optimum_where_packing_alone_misses_it(seed):
+    trace = _skewed_trace(seed)
+    best = min(traffic + load for traffic, load in _brute_force(trace, 2, "standard"))
+    packed = greedy_plan(trace, 2, traffic_model="standard", refine_seconds=0)
+    refined = greedy_plan(trace, 2, traffic_model="standard")
+    assert objective(trace, packed, "standard", 1.0) > best + 1  # the local search has work to do here
+    assert objective(trace, refined, "standard", 1.0) == pytest.approx(best, rel=1e-9)
+    assert refined.info["refine"]["swaps"] > 0
+    # A swap never makes a layer's busiest rank heavier than the packing left it.
+    assert bool((rank_load(trace, refined).max(1).values <= rank_load(trace, packed).max(1).values + 1e-9).all())
