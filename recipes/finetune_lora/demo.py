@@ -58,10 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def launch_command(launcher: str, nproc: int) -> list[str]:
     """The launcher prefix that runs finetune.py on ``nproc`` processes."""
-    script = str(HERE / "finetune.py")
+    script, port = str(HERE / "finetune.py"), str(free_port())  # a free port: 29500 may be taken
     if launcher == "accelerate":  # `--cpu --num_processes N` would silently start one process
-        return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc), script]
-    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), script,
+        return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(nproc),
+                "--main_process_port", port, script]
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, script,
             "--deepspeed_config", str(HERE / "ds_config.json")]
 
 
