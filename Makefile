@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-moe test bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The whole path: tiny MoE base -> fine-tune 3 LoRA adapters (FP8AdamW, global-batch balancing) ->
+# serve them all with lora-serve -> query each with the openai client; writes out/finetune_lora_demo/.
 demo: $(STAMP)
+	$(PY) recipes/finetune_lora/demo.py $(DEMO_ARGS)
+
+# moeplug alone: patch a tiny Mixtral, train it briefly, print loss, per-expert load and speed.
+demo-moe: $(STAMP)
 	$(PY) -m moeplug.demo
 
 test: $(STAMP)
