@@ -7,8 +7,9 @@ pair (weight w > 0) a co-location indicator c[pair, r] <= both x's, which the ob
   - standard: pairs (e, e') of one layer weighted by tokens choosing both, times (P-1)/P.
 Minimise  sum(w) - sum(w * c) + balance_weight * sum_l M[l]  -- the same number as
 `cost.objective` (exact for top_k <= 2), so the result (refined by `refine_plan`) is compared with
-the greedy plan on it and the better one returned: the ILP never does worse than greedy. Pairs lighter than `min_pair_share`
-of a layer's weight are left out to keep the model small (they count as always apart).
+the greedy plan on it and the better one returned: the ILP never does worse than greedy. Pairs
+lighter than `min_pair_share` of a layer's weight are left out to keep the model small (they count
+as always apart).
 """
 
 from __future__ import annotations
