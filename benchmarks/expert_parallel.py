@@ -95,7 +95,7 @@ def _layers(args, ep_size: int, stamps: dict):
     use_deepspeed_groups(ep_size)  # one set of EP groups for both layers
     experts, hidden, width = args.experts, args.hidden, args.intermediate
     generator = torch.Generator().manual_seed(0)
-    router = torch.randn(experts, hidden, generator=generator) * args.router_scale / hidden**0.5
+    router = torch.randn(experts, hidden, generator=generator) / hidden**0.5
     gate_up = torch.randn(experts, 2 * width, hidden, generator=generator) / hidden**0.5
     down = torch.randn(experts, hidden, width, generator=generator) / width**0.5
 
@@ -159,6 +159,26 @@ def _max_differences(ours, theirs, x: torch.Tensor, grad: torch.Tensor) -> dict[
     return dict(zip(pairs, diffs.tolist()))
 
 
+def _load(ours, x: torch.Tensor, args) -> dict[str, float]:
+    """Routing load and rows per rank. Dropless DeepSpeed pads every expert to the busiest (expert,
+    rank) count C: it computes and sends E * C rows per rank. moeplug computes tokens * k rows and
+    sends each token once per destination rank (measured with `count_traffic`)."""
+    from moeplug.dispatch import count_traffic
+
+    with torch.no_grad(), count_traffic() as traffic:
+        ours(x)
+    counts = ours.stats.tokens_per_expert.clone()
+    capacity = counts.max().clone()
+    sent = torch.stack([rows.sum() for _, rows in traffic]).sum().float()
+    dist.all_reduce(counts)
+    dist.all_reduce(capacity, op=dist.ReduceOp.MAX)
+    dist.all_reduce(sent)
+    ds_rows = args.experts * capacity.item()
+    return {"max_over_mean": (counts.max() / counts.float().mean()).item(),
+            "expert_rows_deepspeed_over_moeplug": ds_rows / (args.tokens * args.top_k),
+            "sent_rows_deepspeed_over_moeplug": ds_rows / (sent.item() / dist.get_world_size())}
+
+
 def _step(layer, x: torch.Tensor, grad: torch.Tensor, stamps: dict) -> dict[str, float]:
     stamps.clear()
     dist.barrier()
@@ -187,10 +207,14 @@ def _worker(rank: int, port: int, world: int, args, path: str) -> None:
     generator = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(args.tokens, args.hidden, generator=generator)
     grad = torch.randn(args.tokens, args.hidden, generator=generator)
+    # A direction shared by all tokens (same on every rank) gives each expert a fixed logit offset
+    # of about skew * N(0, 1): uneven loads, as in trained routers.
+    x += args.skew * torch.randn(args.hidden, generator=torch.Generator().manual_seed(1))
     diffs = _max_differences(ours, theirs, x, grad)
     if max(diffs.values()) > 1e-3:  # fp32 sums of up to `tokens` terms in another order
         raise RuntimeError(f"the two layers disagree ({diffs}): the comparison would be meaningless")
     layers = {"moeplug": ours, "deepspeed": lambda inp: theirs(inp)[0]}
+    load = _load(ours, x, args)
     samples = {name: [] for name in layers}
     rounds = range(args.warmup + args.repeats)
     for round_ in tqdm(rounds, desc=f"{world} ranks", disable=rank != 0):
@@ -202,7 +226,7 @@ def _worker(rank: int, port: int, world: int, args, path: str) -> None:
     if rank == 0:
         medians = {name: {key: statistics.median(s[key] for s in runs) for key in runs[0]}
                    for name, runs in samples.items()}
-        Path(path).write_text(json.dumps({"ranks": world, "max_abs_differences": diffs,
+        Path(path).write_text(json.dumps({"ranks": world, "max_abs_differences": diffs, "load": load,
                                           "medians_s": medians, "samples": samples}))
     dist.barrier()
     dist.destroy_process_group()
@@ -218,6 +242,10 @@ def _table(results: list[dict]) -> str:
     lines = ["| ranks | phase | moeplug ms | DeepSpeed MoE ms | DeepSpeed / moeplug |", "|---|---|---|---|---|"]
     for result in results:
         ours, theirs = result["medians_s"]["moeplug"], result["medians_s"]["deepspeed"]
+        load = result["load"]
+        lines.append(f"| {result['ranks']} | load max/mean {load['max_over_mean']:.2f}; DeepSpeed/moeplug rows: "
+                     f"computed {load['expert_rows_deepspeed_over_moeplug']:.2f}x, "
+                     f"sent {load['sent_rows_deepspeed_over_moeplug']:.2f}x | | | |")
         for key in (*PHASES, "step"):
             lines.append(f"| {result['ranks']} | {key} | {ours[key] * 1e3:.1f} | {theirs[key] * 1e3:.1f} | "
                          f"{theirs[key] / ours[key]:.2f}x |")
@@ -232,7 +260,8 @@ def main(argv=None) -> None:
     parser.add_argument("--intermediate", type=int, default=512)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--router-scale", type=float, default=1.0, help="router weight scale (larger: less even)")
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="shared offset added to every token (0: even expert loads; 0.5: busiest expert ~2x the mean)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and 2 repeats (seconds)")

@@ -26,9 +26,12 @@ def test_expert_parallel_layer_matches_deepspeed_moe_on_4_ranks(tmp_path):
                     "--output", str(out)], check=True, cwd=ROOT, env=env, timeout=360, capture_output=True)
     result = json.loads(out.read_text())["results"][0]
     assert result["ranks"] == 4
-    # fp32, sums over a few dozen rows in another order.
-    assert set(result["max_abs_differences"]) == {"output", "input_grad", "router_grad", "gate_up_grad", "down_grad"}
-    assert max(result["max_abs_differences"].values()) < 1e-5, result["max_abs_differences"]
+    diffs = result["max_abs_differences"]
+    assert set(diffs) == {"output", "input_grad", "router_grad", "gate_up_grad", "down_grad"}
+    # fp32: outputs and input gradients sum k terms per token; weight gradients sum over all received
+    # rows, in another order (the 1e-5 / 1e-4).
+    assert diffs["output"] < 1e-5 and diffs["input_grad"] < 1e-5, diffs
+    assert max(diffs["router_grad"], diffs["gate_up_grad"], diffs["down_grad"]) < 1e-4, diffs
     for layer in ("moeplug", "deepspeed"):
         medians = result["medians_s"][layer]
         assert all(medians[phase] > 0 for phase in ("dispatch", "experts", "combine", "step")), medians
