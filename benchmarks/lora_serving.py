@@ -13,7 +13,7 @@ Poisson arrivals, uniform prompt and output lengths. Adapter popularity: truncat
 
     .venv/bin/python benchmarks/lora_serving.py --smoke                   # tiny model, seconds
     .venv/bin/python benchmarks/lora_serving.py --model smollm2 -n 100    # the issue's setting (minutes)
-    .venv/bin/python benchmarks/lora_serving.py --model tiny -n 10 1000 --systems engine-lora engine-base
+    .venv/bin/python benchmarks/lora_serving.py --model tiny -n 10 1000 --systems engine-lora engine-base --interleave-n
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import os
 import resource
 import shlex
 import statistics
@@ -191,8 +192,8 @@ def make_trace(args, n_adapters: int, names: list[str], vocab: int, rng: np.rand
             for t, a in zip(arrivals, choice)]
 
 
-def run(args, n_adapters: int) -> dict:
-    """All requested systems for N adapters: closed batch (median of repeats) and the open-loop trace."""
+def prepare(args, n_adapters: int) -> tuple[dict, dict]:
+    """Model, N adapters, prompts and the requested systems loaded and warmed up: ``(ctx, result)``."""
     rng = np.random.default_rng(0)
     base = base_model(args.model)
     vocab = base.config.vocab_size
@@ -200,7 +201,8 @@ def run(args, n_adapters: int) -> dict:
     paths = write_adapters(base, n_adapters, Path(tmp.name))
     names = [f"a{i}" for i in range(n_adapters)]
     chosen = zipf_choice(n_adapters, args.requests, rng)
-    ctx = {"base": base, "new_tokens": args.new_tokens, "adapters": [names[i] for i in chosen],
+    ctx = {"base": base, "new_tokens": args.new_tokens, "adapters": [names[i] for i in chosen], "tmp": tmp,
+           "names": names, "rng": rng, "runs": {system: [] for system in args.systems},
            "prompts": torch.from_numpy(rng.integers(3, vocab, size=(args.requests, args.prompt_len)))}
     result = {"adapters": n_adapters, "distinct_in_batch": len(set(chosen)), "systems": {},
               "decode_roofline_lora_over_base": decode_roofline(base, chosen)}
@@ -221,33 +223,47 @@ def run(args, n_adapters: int) -> dict:
             engine.add_adapter(name, path)
         result["engine_load_s"] = time.perf_counter() - start
         ctx["engine"] = engine
-
-    total_tokens = args.requests * args.new_tokens
     for system in args.systems:  # warm-up
         closed_batch(system, {**ctx, "prompts": ctx["prompts"][:2], "adapters": ctx["adapters"][:2]})
-    # Repeats go round-robin over the systems so that load from other users of a shared machine hits
-    # every system alike; each system's median run is reported.
-    runs = {system: [] for system in args.systems}
-    for _ in range(args.repeats):
-        for system in args.systems:
-            runs[system].append(closed_batch(system, ctx))
-    for system, system_runs in runs.items():
+    return ctx, result
+
+
+def summarise(args, ctx: dict, result: dict) -> dict:
+    """Medians of the closed-batch repeats in ``ctx["runs"]``, then the open-loop trace (engines)."""
+    total_tokens = args.requests * args.new_tokens
+    for system, system_runs in ctx["runs"].items():
         median = sorted(system_runs, key=lambda r: r["seconds"])[len(system_runs) // 2]
         result["systems"][system] = {
             "tokens_per_s": total_tokens / median["seconds"], "requests_per_s": args.requests / median["seconds"],
             "ttft_mean": statistics.mean(median["ttft"]), "ttft_p90": float(np.percentile(median["ttft"], 90)),
             "all_tokens_per_s": [total_tokens / r["seconds"] for r in system_runs],
         }
-        print(f"N={n_adapters} {system}: {result['systems'][system]['tokens_per_s']:.1f} tok/s", flush=True)
+        print(f"N={result['adapters']} {system}: {result['systems'][system]['tokens_per_s']:.1f} tok/s", flush=True)
     if "engine" in ctx:
         result["pool_after_closed_batch"] = str(ctx["engine"].pool_stats())
         if args.trace_requests:
-            trace = make_trace(args, n_adapters, names, vocab, rng)
+            trace = make_trace(args, result["adapters"], ctx["names"], ctx["base"].config.vocab_size, ctx["rng"])
             result["trace"] = {"engine-lora": open_loop(ctx["engine"], trace),
                                "engine-base": open_loop(ctx["engine"], [{**j, "adapter": None} for j in trace])}
     result["max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    tmp.cleanup()
+    result["load_average_1_5_15"] = os.getloadavg()  # other users of the machine, at the end of this N
+    ctx["tmp"].cleanup()
     return result
+
+
+def run(args) -> list[dict]:
+    """Every requested N and system. Repeats go round-robin over the systems (and, with ``--interleave-n``,
+    over the Ns too) so that load from other users of a shared machine hits each alike; medians reported."""
+    groups = [args.num_adapters] if args.interleave_n else [[n] for n in args.num_adapters]
+    results = []
+    for group in groups:
+        prepared = [prepare(args, n) for n in group]
+        for _ in range(args.repeats):
+            for ctx, _result in prepared:
+                for system in args.systems:
+                    ctx["runs"][system].append(closed_batch(system, ctx))
+        results += [summarise(args, ctx, result) for ctx, result in prepared]
+    return results
 
 
 def markdown(args, results: list[dict]) -> str:
@@ -256,7 +272,9 @@ def markdown(args, results: list[dict]) -> str:
              f"`{' '.join(shlex.quote(a) for a in ['.venv/bin/python', *sys.argv])}`\n",
              f"Closed batch: {args.requests} requests x {args.prompt_len}-token prompts -> {args.new_tokens} new tokens, "
              f"greedy; ranks 8/16/32/64 on q/k/v/o; Zipf(1) adapter popularity; {args.threads} torch thread(s). "
-             f"Tokens/s (median of {args.repeats}).\n",
+             f"Tokens/s (median of {args.repeats}). Load average (1/5/15 min) at the end of each N: "
+             + "; ".join(f"N={r['adapters']}: " + "/".join(f"{x:.1f}" for x in r["load_average_1_5_15"]) for r in results)
+             + ".\n",
              "| N | distinct in batch | " + " | ".join(args.systems) + " | engine lora/base (memory-bound roof) "
              "| engine-lora vs peft-mixed | vs peft-single | engine-base vs hf-plain | load N adapters: engine / PEFT |",
              "|---" * (len(args.systems) + 7) + "|"]
@@ -296,6 +314,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 by default because on a shared 2-core box two threads that wait "
                              "on each other made timings swing 5x between runs")
+    parser.add_argument("--interleave-n", action="store_true",
+                        help="load every N first and interleave their repeats (for N-vs-N ratios on a busy machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, tiny sizes (CI)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--append-results", type=Path, help="append a markdown section to this RESULTS.md")
@@ -305,7 +325,7 @@ def main() -> None:
         args.repeats, args.trace_requests, args.rate = 1, 4, 50.0
     torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
-    results = [run(args, n) for n in args.num_adapters]
+    results = run(args)
     text = markdown(args, results)
     print(text)
     if args.json:

@@ -308,18 +308,22 @@ class Engine:
 
     def _run(self, batch: list[tuple[Request, int]]) -> list[RequestOutput]:
         ids, positions, rows, sequences, last_rows, sampled = [], [], [], [], [], []
-        for request, count in batch:
+        # Pack each adapter's rows side by side (stable, so arrival order holds within an adapter): the
+        # LoRA layers then see one contiguous run of rows per adapter.
+        keyed = sorted(
+            ((self.residency.index_of(r.adapter) if r.adapter else -1, r, c) for r, c in batch), key=lambda t: t[0]
+        )
+        for adapter, request, count in keyed:
             start = request.num_computed
             ids += request.all_ids[start : start + count]
             positions += range(start, start + count)
-            rows += [self.residency.index_of(request.adapter) if request.adapter else -1] * count
+            rows += [adapter] * count
             sequences.append(ScheduledSequence(start, count, request.pages))
             if start + count == len(request.all_ids):  # the whole context is in: sample the next token
                 last_rows.append(len(ids) - 1)
                 sampled.append(request)
         device = self.pool.slots.device
-        uses_lora = any(row >= 0 for row in rows)
-        self._context.row_adapter = torch.tensor(rows, dtype=torch.long, device=device) if uses_lora else None
+        self._context.set_rows(rows, device)
         try:
             with torch.inference_mode():
                 logits = self.model(
@@ -330,7 +334,7 @@ class Engine:
                     **{BATCH_KWARG: AttentionBatch.build(self.pool.slots, self.layout, sequences)},
                 ).logits[0]
         finally:
-            self._context.row_adapter = None
+            self._context.clear()
         for request, count in batch:
             request.num_computed += count
         tokens = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])

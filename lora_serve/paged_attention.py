@@ -49,6 +49,7 @@ class AttentionBatch:
     decode_pages: torch.Tensor  # [Bd, Lmax, S], padded with slot 0 (masked out)
     decode_lengths: torch.Tensor  # [Bd]: context length including the new token
     prefills: list[tuple[int, int, int, torch.Tensor]]  # (row_start, num_new, num_cached, pages)
+    decode_all_longest: bool = False  # every decode sequence has the longest context (no padding)
     _masks: dict = field(default_factory=dict)
 
     @classmethod
@@ -79,11 +80,19 @@ class AttentionBatch:
             decode_pages=padded.to(device),
             decode_lengths=torch.tensor(decode_lengths, dtype=torch.long, device=device),
             prefills=prefills,
+            decode_all_longest=min(decode_lengths, default=0) == longest,
         )
 
-    def decode_mask(self, window: int | None) -> torch.Tensor:
-        """``[Bd, 1, 1, Lmax]`` bool: key ``j`` is visible to the new token at position ``length - 1``."""
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """``[Bd, 1, 1, Lmax]`` bool: key ``j`` is visible to the new token at position ``length - 1``.
+
+        None when every key is visible (all decodes as long as the longest, no window cutting in), so SDPA
+        skips building and applying a mask; equal-length decodes are the common case of a closed batch.
+        """
         key = ("decode", window)
+        longest = self.decode_pages.shape[1]
+        if self.decode_all_longest and (window is None or window >= longest):
+            return None
         if key not in self._masks:
             positions = torch.arange(self.decode_pages.shape[1], device=self.pool.device)
             last = (self.decode_lengths - 1)[:, None]

@@ -99,6 +99,36 @@ class PagePool:
         self._used[owner] += n
         return taken
 
+    def allocate_run(self, n: int, owner: SlotOwner) -> torch.Tensor:
+        """Like :meth:`allocate`, but hand out ``n`` consecutive ascending slots when the free list has such
+        a run (lowest first), else any ``n`` slots.
+
+        For adapter weights: a layer's A/B rank-rows in one run are a plain view of the pool, so the CPU
+        LoRA path multiplies them in place instead of gathering them every step. Costs a sort of the free
+        list, which is fine for adapter loads (rare); KV pages use :meth:`allocate`.
+        """
+        if n < 0 or n > self._num_free:
+            return self.allocate(n, owner)  # same errors
+        free = self._free[: self._num_free]
+        top = free[self._num_free - n :]
+        if n == 0 or int(top.max()) - int(top.min()) == n - 1:  # the top of the stack is a run already
+            return self.allocate(n, owner).sort().values
+        ordered = free.sort().values
+        breaks = torch.nonzero(ordered.diff() != 1).flatten() + 1  # run i spans ordered[starts[i]:ends[i]]
+        starts = torch.cat([breaks.new_zeros(1), breaks])
+        ends = torch.cat([breaks, breaks.new_tensor([ordered.numel()])])
+        fits = torch.nonzero(ends - starts >= n).flatten()
+        if not fits.numel():
+            return self.allocate(n, owner)
+        first = int(starts[fits[0]])
+        taken = ordered[first : first + n].clone()
+        # Keep the rest of the free list as a descending stack, so later allocations also find runs.
+        rest = torch.cat([ordered[:first], ordered[first + n :]]).flip(0)
+        self._free[: rest.numel()] = rest
+        self._num_free = rest.numel()
+        self._used[owner] += n
+        return taken
+
     def release(self, slots: torch.Tensor, owner: SlotOwner) -> None:
         """Return ``slots`` (previously allocated to ``owner``) to the free list."""
         n = slots.numel()

@@ -123,7 +123,7 @@ class AdapterResidency:
             raise RuntimeError(f"cannot make adapter {adapter.name!r} resident: pool or adapter table full")
         used = {r.index for r in self._resident.values()}
         index = next(i for i in range(self.capacity) if i not in used)
-        slots = self.pool.allocate(needed, SlotOwner.ADAPTER)
+        slots = self.pool.allocate_run(needed, SlotOwner.ADAPTER)  # one run: the CPU path uses pool views
         layers = [(self.layers[m], w) for m, w in adapter.modules.items()]
         rows = torch.cat([layer.pack(w.a, w.b) for layer, w in layers])
         self.pool.slots[slots.to(self.pool.slots.device)] = rows.to(self.pool.slots)
