@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import moeplug
-from moeplug.fp8 import compress_activations
+from moeplug.fp8 import compress_activations, with_attention
 from moeplug.tiny import tiny_model
 
 
@@ -88,3 +88,38 @@ def test_hooks_are_popped_after_errors_and_removed_on_request():
 def test_bad_selection_value_is_named():
     with pytest.raises(ValueError, match="'fp8'"):
         compress_activations(torch.nn.Linear(2, 2), lambda name, module: "fp8")
+
+
+def test_sdpa_mode_saves_nothing_large_uncompressed_in_attention_and_keeps_20db():
+    """with_attention: q/k/v in FP8 and the attention output recomputed (test_fp8_attention.py)."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(0))
+    reference = _grads(model, ids)
+
+    compressor = compress_activations(model, with_attention)
+    attention = model.model.layers[0].self_attn
+    plain_saved = []
+
+    def keep(t):
+        if t.is_floating_point() and not isinstance(t, torch.nn.Parameter):
+            plain_saved.append(t.numel())
+        return t
+
+    def count(module, args):  # pushed before the compressor's hooks: sees only what they leave alone
+        hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)
+        hooks.__enter__()
+        stack.append(hooks)
+
+    stack = []
+    handles = [attention.register_forward_pre_hook(count, prepend=True),
+               attention.register_forward_hook(lambda *a: stack.pop().__exit__(None, None, None))]
+    compressed = _grads(model, ids)
+    for handle in handles:
+        handle.remove()
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa  # restored after each attention forward
+    # Uncompressed, sdpa would save q, k, v, its output and logsumexp (12,800 values for q here).
+    assert max(plain_saved, default=0) < compressor.min_numel, plain_saved
+    worst = min(_sqnr_db(r, compressed[n]) for n, r in reference.items())
+    # Measured 27.0 dB here (24.6 dB on benchmarks/fp8_memory.py's h256 model); the issue asks for 20.
+    assert worst >= 20.0, worst

@@ -1,14 +1,14 @@
 """The "sdpa" compression mode: q/k/v saved in FP8, attention output recomputed in backward.
 
-Oracles: torch's own scaled_dot_product_attention (forward bit for bit; backward through autograd on the
-same dequantised q/k/v, which is what the recomputation must equal) and the uncompressed HF model.
+Oracle: torch's own scaled_dot_product_attention (forward bit for bit; backward through autograd on the
+same dequantised q/k/v, which is what the recomputation must equal). The mode on a whole HF model, against
+the uncompressed model, is tested in test_fp8_activations.py.
 """
 
 import pytest
 import torch
-import transformers
 
-from moeplug.fp8 import compress_activations, with_attention
+from moeplug.fp8 import compress_activations
 from moeplug.fp8.activations import _fp8_sdpa, _pack_groupwise, _unpack
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
@@ -49,50 +49,3 @@ def test_dropout_and_no_grad_calls_run_plain_sdpa():
     with torch.no_grad():
         fp8_sdpa(q, k, v, enable_gqa=True)
     assert compressor.packed_bytes == 0
-
-
-def _tiny_llama():
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
-
-
-def _grads(model, ids):
-    model.zero_grad()
-    model(ids, labels=ids).loss.backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters()}
-
-
-def test_llama_attention_saves_nothing_large_uncompressed_and_keeps_20db():
-    model = _tiny_llama()
-    ids = torch.randint(0, 128, (2, 100), generator=torch.Generator().manual_seed(0))
-    reference = _grads(model, ids)
-
-    compressor = compress_activations(model, with_attention)
-    attention = model.model.layers[0].self_attn
-    plain_saved = []
-
-    def keep(t):
-        if t.is_floating_point() and not isinstance(t, torch.nn.Parameter):
-            plain_saved.append(t.numel())
-        return t
-
-    def count(module, args):  # pushed before the compressor's hooks: sees only what they leave alone
-        hooks = torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t)
-        hooks.__enter__()
-        stack.append(hooks)
-
-    stack = []
-    handles = [attention.register_forward_pre_hook(count, prepend=True),
-               attention.register_forward_hook(lambda *a: stack.pop().__exit__(None, None, None))]
-    compressed = _grads(model, ids)
-    for handle in handles:
-        handle.remove()
-    assert torch.nn.functional.scaled_dot_product_attention is SDPA  # restored after each attention forward
-    # Uncompressed, sdpa would save q, k, v, its output and logsumexp (25,600 values and more each).
-    assert max(plain_saved, default=0) < compressor.min_numel, plain_saved
-    worst = min((10 * torch.log10(r.pow(2).sum() / (compressed[n] - r).pow(2).sum())).item()
-                for n, r in reference.items())
-    # Measured 27.0 dB here (24.6 dB on benchmarks/fp8_memory.py's h256 model); the issue asks for 20.
-    assert worst >= 20.0, worst
