@@ -157,24 +157,29 @@ def expert_parallel(ep_size: int, num_experts: int) -> ExpertParallel:
     return ExpertParallel(ep_size, rank % ep_size, num_experts, ep_group, dp_group)
 
 
-_traffic: list[tuple[int, torch.Tensor]] | None = None
+_traffic: list[tuple] | None = None
+_count_assignments = False
 
 
 @contextmanager
-def count_traffic() -> Iterator[list[tuple[int, torch.Tensor]]]:
+def count_traffic(assignments: bool = False) -> Iterator[list[tuple]]:
     """Record, for every expert-parallel dispatch in the block, (ep_rank, rows sent to each EP rank).
+
+    With `assignments=True` each entry is (ep_rank, rows, assignments): the latter counts the
+    (token, choice) pairs sent to each EP rank, i.e. the expert work each rank does for this one.
 
     The list yielded fills in as layers run; the combine sends the same number of rows back. A row
     is one token for one destination rank (one per (token, choice) with `ExpertParallel.dedup`
     False); it carries H hidden values plus k gate weights and k local slot ids. Rows sent to the
     own rank (index ep_rank) never leave the process.
     """
-    global _traffic
-    previous, _traffic = _traffic, []
+    global _traffic, _count_assignments
+    previous, _traffic = (_traffic, _count_assignments), []
+    _count_assignments = assignments
     try:
         yield _traffic
     finally:
-        _traffic = previous
+        _traffic, _count_assignments = previous
 
 
 def _exchange_counts(send_counts: torch.Tensor, ep: ExpertParallel) -> torch.Tensor:
@@ -223,7 +228,8 @@ def expert_parallel_forward(
     token = keys % units if ep.dedup else keys % units // top_k
     send_counts = torch.bincount(keys // units, minlength=ranks)
     if _traffic is not None:
-        _traffic.append((ep.ep_rank, send_counts.cpu()))
+        work = (torch.bincount(slot // per_rank, minlength=ranks).cpu(),) if _count_assignments else ()
+        _traffic.append((ep.ep_rank, send_counts.cpu(), *work))
     send, recv = send_counts.tolist(), _exchange_counts(send_counts, ep).tolist()
     # Each message carries, per choice column, the local slot (per_rank = none) and the gate weight.
     column = message * top_k + assignment % top_k

@@ -34,20 +34,24 @@ def collect_trace(model: nn.Module, batches: list[torch.Tensor], sample_tokens: 
 
 
 def measure(model: nn.Module, batches: list[torch.Tensor], ep_size: int) -> dict:
-    """Forward+backward each batch: median step seconds, cross-rank rows and per-rank load (all ranks)."""
+    """Forward+backward each batch: median step seconds, cross-rank rows and per-rank load (all ranks).
+
+    Load = (token, choice) assignments each rank's experts processed, summed over layers and batches.
+    """
     rows = torch.zeros(ep_size, ep_size, dtype=torch.float64)  # [source, destination], all layers
+    load = torch.zeros(ep_size, dtype=torch.float64)
     seconds = []
     for ids in batches:
         model.zero_grad(set_to_none=True)
-        with count_traffic() as sent:
+        with count_traffic(assignments=True) as sent:
             started = time.perf_counter()
             model(ids, labels=ids).loss.backward()
             seconds.append(time.perf_counter() - started)
-        for rank, counts in sent:
+        for rank, counts, work in sent:
             rows[rank] += counts.double()
+            load += work.double()
     dist.all_reduce(rows)
-    per_layer = len(current_placement(model).layer_names)
-    load = rows.sum(0) / per_layer  # rows each rank's experts processed, per layer
+    dist.all_reduce(load)
     step = torch.tensor([statistics.median(seconds)])
     dist.all_reduce(step, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank does
     return {"cross_rank_rows": float(rows.sum() - rows.diagonal().sum()), "max_mean_load": float(load.max() / load.mean()),

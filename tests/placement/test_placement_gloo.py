@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import moeplug
 from moeplug.dispatch import allreduce_gradients, count_traffic, expert_parallel_parameters
 from moeplug.placement import (Placement, apply_placement, current_placement, load_placed_checkpoint,
-                               record_routing, save_placed_checkpoint, standard_cost)
+                               rank_load, record_routing, save_placed_checkpoint, standard_cost)
 from moeplug.tiny import tiny_model
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -93,14 +93,16 @@ def _case(plan_slots, rank, tmp) -> dict:
     _step(placed, opt, rank)  # step 1 unplaced: Adam state exists when the plan moves it
     plan = Placement(torch.tensor(plan_slots), 6, current_placement(placed).layer_names)
     apply_placement(placed, plan, opt)
-    with record_routing(placed, sample_tokens=64) as trace, count_traffic() as sent:
+    with record_routing(placed, sample_tokens=64) as trace, count_traffic(assignments=True) as sent:
         logits, grads = _step(placed, opt, rank)
     ref_logits, ref_grads = _step(reference, ref_opt, rank)
     result = {"logits": (logits - ref_logits).abs().max().item(),
               "grads": max((grads[n] - ref_grads[n]).abs().max().item() for n in grads),
               "weights": max((a - b).abs().max().item() for a, b in zip(_full_experts(placed, False).values(),
                                                                       _full_experts(reference, False).values())),
-              "sent": torch.stack([counts for _, counts in sent]).double(),
+              "sent": torch.stack([counts for _, counts, _ in sent]).double(),
+              "work": torch.stack([work for _, _, work in sent]).double(),  # [layers, ranks] assignments
+              "load": rank_load(trace, plan),
               "predicted": standard_cost(trace, plan, source_rank=rank).traffic,
               "predicted_contiguous": standard_cost(trace, Placement.contiguous(2, 6, WORLD), source_rank=rank).traffic,
               "brute_force": _brute_force_sends(trace.sample_rows(), plan.slots, rank)}
@@ -147,6 +149,11 @@ def test_placed_model_matches_unplaced_and_cost_model_counts_rows(tmp_path):
             sent = result["sent"]  # [layers, ranks] rows this rank sent to each rank
             remote = float(sent.sum() - sent[:, rank].sum())
             assert remote == result["brute_force"], (name, rank, sent, result["brute_force"])
+            # Every (token, choice) of this rank is counted once, on the rank the cost model puts it
+            # (exactly without replicas; with replicas the model splits evenly, the dispatch by token).
+            assert result["work"].sum() == result["load"].sum() == 2 * _batch(rank).numel() * 2
+            if name == "plain":
+                torch.testing.assert_close(result["work"], result["load"], atol=0, rtol=0)
             if name == "plain":  # no replicas: the cost model is exact
                 assert remote == pytest.approx(result["predicted"], abs=1e-9), (rank, sent, result["predicted"])
             else:  # replicas: copies split by token index, the model assumes an even, independent split
