@@ -34,8 +34,10 @@ over the expert-data-parallel group only for its AutoEP layers and rejects nativ
 ("Native DeepSpeed MoE is not supported with ZeRO Stage 3"), so rank-specific expert shards would
 be mixed across EP ranks. Without expert parallelism (ep_size 1) every ZeRO stage works as usual.
 
-DeepSpeed's `engine.save_checkpoint` writes expert files only for its own `MoE` layout; save
-expert-parallel models with `moeplug.checkpoint.save_checkpoint` / `export_pretrained` instead.
+DeepSpeed's `engine.save_checkpoint` / `load_checkpoint` handle expert weights only in its own `MoE`
+layout (one file per expert of `deepspeed_moe.experts.deepspeed_experts.N`); with expert parallelism
+the marker makes `save_checkpoint` raise instead of silently keeping one rank's experts. Save models
+with `moeplug.checkpoint.save_checkpoint` / `export_pretrained`; optimizer state is not saved then.
 """
 
 from __future__ import annotations
@@ -103,6 +105,15 @@ class DeepSpeedExpertsMarker(MoE):
             raise ValueError("use_data_before_expert_parallel_=True puts expert-parallel ranks far apart; "
                              "moeplug's expert parallelism needs DeepSpeed's default (EP-major) layout")
         use_deepspeed_groups(self.ep_size)
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Empty inside a model's state dict; called on its own, it is DeepSpeed's engine checkpoint
+        asking for expert weights in its own layout, which would save rank 0's experts only: refuse."""
+        if destination is None and not prefix and not args:
+            raise RuntimeError("DeepSpeed's engine.save_checkpoint does not know moeplug's expert-parallel layout "
+                               "(it would keep one rank's experts); save with moeplug.checkpoint.save_checkpoint "
+                               "(sharded, reloadable at another ep_size) or export_pretrained")
+        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
 
     def forward(self, *args, **kwargs):
         """Never called: the experts module it marks runs moeplug's expert-parallel forward."""

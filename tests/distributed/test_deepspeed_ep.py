@@ -4,6 +4,7 @@ Oracle: the same tiny Mixtral trained with plain torch AdamW on the same global 
 every rank's micro-batch losses, with gradient accumulation and the same gradient clipping), and,
 as a check on that oracle, DeepSpeed itself with ep_size=1. After a few optimizer steps every
 rank's losses and its full weights (expert shards gathered over the EP group) must match.
+ZeRO-3 is checked without expert parallelism (with it, it is refused with the reason).
 World 2 (one EP group) and world 4 (two EP groups x two expert-data-parallel ranks, which is where
 a wrong reduction group would show); DeepSpeed's engine start is slow, so each world runs all its
 cases, including the error cases, in one set of processes.
@@ -26,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPERTS, STEPS, ACCUMULATION, BATCH, LENGTH, LR, CLIP = 4, 3, 2, 2, 9, 1e-2, 0.5
 OPTIONS = dict(balance="micro", aux_loss_coef=0.01)
 # (ZeRO stage, ep_size) per world; ep_size 1 is DeepSpeed's own data parallelism (a second oracle).
-CASES = {2: [(1, 2), (2, 2)], 4: [(2, 1), (1, 2), (2, 2), (2, 4)]}
+# ZeRO-3 runs without expert parallelism only (with it, initialize refuses: see _error_cases).
+CASES = {2: [(1, 2), (2, 2), (3, 1)], 4: [(1, 2), (2, 2), (2, 4)]}
 
 
 def _batch(step: int, micro: int, rank: int) -> torch.Tensor:
@@ -70,7 +72,7 @@ def _mean_over_ranks(value: float) -> float:
     return tensor.item() / dist.get_world_size()
 
 
-def _deepspeed_run(stage: int, ep_size: int) -> dict:
+def _deepspeed_run(stage: int, ep_size: int, save_dir: str | None = None) -> dict:
     from moeplug.dispatch import expert_parallel_parameters
     from moeplug.integrations import deepspeed as mds
 
@@ -90,18 +92,24 @@ def _deepspeed_run(stage: int, ep_size: int) -> dict:
             engine.step()
             total += loss.item() / ACCUMULATION
         losses.append(_mean_over_ranks(total))
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=stage == 3):  # ZeRO-3 partitions
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     for name, (param, ep) in expert_parallel_parameters(model).items():
         parts = [torch.empty_like(param) for _ in range(ep.ep_size)]
         dist.all_gather(parts, param.detach().contiguous(), group=ep.group)
         weights[name] = torch.cat(parts)
-    return {"losses": losses, "weights": weights, "groups": groups, "has_moe_layers": engine.has_moe_layers}
+    result = {"losses": losses, "weights": weights, "groups": groups, "has_moe_layers": engine.has_moe_layers}
+    if save_dir is not None:  # every rank is an expert-data-parallel writer at world 2, so all refuse alike
+        result["engine_save_checkpoint"] = _error(lambda: engine.save_checkpoint(save_dir), RuntimeError)
+    return result
 
 
-def _error(call) -> str:
+def _error(call, expected=(ValueError, AssertionError)) -> str:
     try:
         call()
-    except (ValueError, AssertionError) as error:
+    except expected as error:
         return f"{type(error).__name__}: {error}"
     return "no error"
 
@@ -148,7 +156,8 @@ def _worker(rank: int, port: int, world: int, path: str) -> None:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     result = {"errors": _error_cases()} if world == 4 else {}
     for stage, ep_size in CASES[world]:
-        result[(stage, ep_size)] = _deepspeed_run(stage, ep_size)
+        save_dir = f"{path}.engine-checkpoint" if world == 2 and stage == 2 else None
+        result[(stage, ep_size)] = _deepspeed_run(stage, ep_size, save_dir)
     torch.save(result, f"{path}.{rank}")
     dist.barrier()
 
@@ -161,6 +170,8 @@ def test_deepspeed_zero_with_expert_parallelism_matches_plain_training(tmp_path,
     for rank, result in enumerate(results):
         for (stage, ep_size), run in ((k, v) for k, v in result.items() if k != "errors"):
             case = f"world {world} rank {rank} ZeRO-{stage} ep_size {ep_size}"
+            if "engine_save_checkpoint" in run:  # DeepSpeed would keep one rank's experts: refused
+                assert "moeplug.checkpoint.save_checkpoint" in run["engine_save_checkpoint"], case
             assert run["has_moe_layers"] == (ep_size > 1), case
             expected_groups = [("dense-params", False, 21)]
             if ep_size > 1:  # the 2 layers' gate_up_proj and down_proj in DeepSpeed's expert group
