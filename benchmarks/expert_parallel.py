@@ -34,7 +34,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
-from torch import nn
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,17 +72,6 @@ def _phases(stamps: dict) -> dict[str, float]:
     return out
 
 
-class _SwiGLU(nn.Module):
-    def __init__(self, hidden: int, width: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, width, bias=False)
-        self.up_proj = nn.Linear(hidden, width, bias=False)
-        self.down_proj = nn.Linear(width, hidden, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 def _layers(args, ep_size: int, stamps: dict):
     """The two layers with identical weights, each stamping its experts' input and output."""
     import moeplug.experts
@@ -91,6 +79,7 @@ def _layers(args, ep_size: int, stamps: dict):
 
     from moeplug import MoEConfig, MoELayer
     from moeplug.integrations.deepspeed import use_deepspeed_groups
+    from moeplug.layer import SwiGLUMLP
 
     use_deepspeed_groups(ep_size)  # one set of EP groups for both layers
     experts, hidden, width = args.experts, args.hidden, args.intermediate
@@ -117,7 +106,7 @@ def _layers(args, ep_size: int, stamps: dict):
 
     moeplug.experts.expert_parallel_forward = stamped_dispatch
 
-    theirs = MoE(hidden, _SwiGLU(hidden, width), num_experts=experts, ep_size=ep_size, k=args.top_k,
+    theirs = MoE(hidden, SwiGLUMLP(hidden, width), num_experts=experts, ep_size=ep_size, k=args.top_k,
                  min_capacity=0, drop_tokens=False, use_rts=False, noisy_gate_policy=None,
                  top2_2nd_expert_sampling=False)
     theirs.set_deepspeed_parallelism()  # what deepspeed.initialize would do: attach the EP group
