@@ -155,6 +155,9 @@ def paged_attention_forward(
         batch.pool, layer, key[0].transpose(0, 1).reshape(tokens, -1), value[0].transpose(0, 1).reshape(tokens, -1),
         batch.write_slots,
     )
+    if not batch.prefills:  # decodes only: rows are already in order, no gather/scatter of queries
+        att = _attend(packed_q.unsqueeze(2), batch.decode_pages, batch, layer, batch.decode_mask(sliding_window), scaling)
+        return att.squeeze(2).unsqueeze(0), None
     out = torch.empty_like(packed_q)
     if batch.decode_rows.numel():
         q = packed_q[batch.decode_rows].unsqueeze(2)  # [Bd, H, 1, hd]
