@@ -42,6 +42,9 @@ with `moeplug.checkpoint.save_checkpoint` / `export_pretrained`; optimizer state
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import deepspeed
 import torch
 from deepspeed.moe.layer import MoE
@@ -185,10 +188,7 @@ def param_groups(model_or_params, **defaults) -> list[dict]:
 
 
 def _zero_stage(config) -> int:
-    if isinstance(config, str):
-        import json
-        from pathlib import Path
-
+    if isinstance(config, (str, Path)):  # deepspeed.initialize also takes a JSON file path
         config = json.loads(Path(config).read_text())
     return int((config or {}).get("zero_optimization", {}).get("stage", 0))
 
