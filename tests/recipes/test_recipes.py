@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from torch.distributed.elastic.utils.distributed import get_free_port
 
 import moeplug
 from moeplug.checkpoint import load_checkpoint
@@ -49,7 +50,9 @@ def _assert_export_matches_checkpoint(tmp_path: Path) -> None:
 
 
 def test_deepspeed_recipe_zero2_expert_parallel_torchrun(tmp_path):
-    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "recipes/deepspeed/train_moe.py",
+    # A free port: the launchers' default 29500 may be taken by another run on this machine.
+    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(get_free_port()),
+          "recipes/deepspeed/train_moe.py",
           "--deepspeed_config", "recipes/deepspeed/ds_config.json", "--steps", "3", "--length", "32",
           "--ep-size", "2", "--lr", "3e-3", "--output", str(tmp_path)], tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -61,7 +64,8 @@ def test_deepspeed_recipe_zero2_expert_parallel_torchrun(tmp_path):
 
 
 def test_deepspeed_recipe_deepspeed_launcher(tmp_path):
-    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "recipes/deepspeed/train_moe.py",
+    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(get_free_port()),
+          "recipes/deepspeed/train_moe.py",
           "--deepspeed_config", "recipes/deepspeed/ds_config.json", "--steps", "2", "--length", "32",
           "--ep-size", "2", "--lr", "3e-3", "--output", str(tmp_path)], tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
