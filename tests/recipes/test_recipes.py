@@ -49,13 +49,17 @@ def _assert_export_matches_checkpoint(tmp_path: Path) -> None:
     assert not torch.allclose(exported(ids).logits, demo_model(seed=0).eval()(ids).logits)  # it trained
 
 
-def test_deepspeed_recipe_zero2_expert_parallel_torchrun(tmp_path):
+def _deepspeed_recipe_with_ep2(launcher: list[str], steps: int, tmp_path: Path) -> dict:
+    """Run recipes/deepspeed/train_moe.py with --ep-size 2 under `launcher`; its summary.json."""
     # A free port: the launchers' default 29500 may be taken by another run on this machine.
-    _run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(get_free_port()),
-          "recipes/deepspeed/train_moe.py",
-          "--deepspeed_config", "recipes/deepspeed/ds_config.json", "--steps", "3", "--length", "32",
+    _run([*launcher, "--master_port", str(get_free_port()), "recipes/deepspeed/train_moe.py",
+          "--deepspeed_config", "recipes/deepspeed/ds_config.json", "--steps", str(steps), "--length", "32",
           "--ep-size", "2", "--lr", "3e-3", "--output", str(tmp_path)], tmp_path)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    return json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_deepspeed_recipe_zero2_expert_parallel_torchrun(tmp_path):
+    summary = _deepspeed_recipe_with_ep2([str(BIN / "torchrun"), "--nproc_per_node", "2"], 3, tmp_path)
     assert summary["zero_stage"] == 2 and summary["ep_size"] == 2 and summary["has_moe_layers"]
     assert len(summary["step_losses"]) == 3
     assert summary["step_losses"][-1] < summary["step_losses"][0]
@@ -64,9 +68,5 @@ def test_deepspeed_recipe_zero2_expert_parallel_torchrun(tmp_path):
 
 
 def test_deepspeed_recipe_deepspeed_launcher(tmp_path):
-    _run([str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(get_free_port()),
-          "recipes/deepspeed/train_moe.py",
-          "--deepspeed_config", "recipes/deepspeed/ds_config.json", "--steps", "2", "--length", "32",
-          "--ep-size", "2", "--lr", "3e-3", "--output", str(tmp_path)], tmp_path)
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = _deepspeed_recipe_with_ep2([str(BIN / "deepspeed"), "--num_gpus", "2"], 2, tmp_path)
     assert summary["ranks"] == 2 and summary["ep_size"] == 2 and len(summary["step_losses"]) == 2
