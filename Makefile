@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The whole path: tiny MoE base -> fine-tune 3 LoRA adapters (FP8AdamW, global-batch balancing) ->
+# The whole path: tiny MoE base -> fine-tune 3 LoRA adapters (50 steps each, FP8AdamW, global-batch balancing) ->
 # serve them all with lora-serve -> query each with the openai client; writes out/finetune_lora_demo/.
 demo: $(STAMP)
 	$(PY) recipes/finetune_lora/demo.py $(DEMO_ARGS)

@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path("out/finetune_lora_demo"))
     p.add_argument("--base", default="tiny-mixtral", help="tiny-mixtral | tiny-llama | smollm2 | HF dir | .gguf")
     p.add_argument("--tasks", default="upper,novowels,backwards", help=f"comma-separated, from {sorted(tasks.TASKS)}")
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps per adapter")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps per adapter")
     p.add_argument("--text", default=None, help="file of prose lines (default: the standard library's docstrings)")
     p.add_argument("--launcher", default="none",
                    help="none (train in this process: fastest on a small CPU), accelerate or deepspeed; a "

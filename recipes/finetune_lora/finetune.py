@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", required=True, choices=sorted(tasks.TASKS))
     p.add_argument("--out", required=True, type=Path, help="adapter directory to write (replaced atomically)")
     p.add_argument("--text", default=None, help="file of prose lines (default: the standard library's docstrings)")
-    p.add_argument("--steps", type=int, default=80, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps")
     p.add_argument("--batch", type=int, default=16, help="sentences per step per process")
     p.add_argument("--max-length", type=int, default=96, help="tokens per sentence, EOS included")
     p.add_argument("--lr", type=float, default=2e-2)
