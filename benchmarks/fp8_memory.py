@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from moeplug.fp8 import FP8AdamW, compress_activations, default_selection
+from moeplug.fp8 import FP8AdamW, compress_activations, default_selection, with_attention
 
 
 def _optional_baselines() -> dict:
@@ -136,14 +136,15 @@ class _SavedBytes:
         return sum(self.storages.values())
 
 
-def _with_attention(name: str, module: torch.nn.Module) -> str | None:
+def _attention_in_groups(name: str, module: torch.nn.Module) -> str | None:
     """The default selection plus attention modules (1×16 groups), which COAT leaves in high precision."""
     if "attention" in type(module).__name__.lower():
         return "group"
     return default_selection(name, module)
 
 
-SELECTIONS = {"FP8, default selection": default_selection, "FP8, attention included": _with_attention}
+SELECTIONS = {"FP8, default selection": default_selection, "FP8, attention included": _attention_in_groups,
+              "FP8, attention q/k/v + recomputed output": with_attention}
 
 
 def bench_activations(select) -> dict:
