@@ -54,6 +54,8 @@ class BalanceController:
         model: a model patched by `moeplug.patch_model` or built from `MoELayer`s.
         optimizer: if given, `step()` runs automatically right before each optimizer step (also
             through Accelerate's and DeepSpeed's optimizer wrappers, which skip accumulation steps).
+            A step with no training forward since the last one is not counted, so optimizers that
+            are stepped once per param group (DeepSpeed ZeRO-1/2) close each real step once.
         bias_update_rate: aux-loss-free balancing rate (DeepSeek-V3 uses 1e-3); 0 disables it.
         group: process group whose ranks' loads are summed (default: all ranks, if initialised).
     """
@@ -78,7 +80,13 @@ class BalanceController:
             self._hook = _innermost(optimizer).register_step_pre_hook(self._before_optimizer_step)
 
     def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        self.step()
+        # DeepSpeed ZeRO-1/2 step the torch optimizer once per param group (expert parameters have their
+        # own), so one real step can fire this hook several times: only the first one has counts to close.
+        if self._counted_since_last_step():
+            self.step()
+
+    def _counted_since_last_step(self) -> bool:
+        return any(getattr(m, _step_counts_attr(m)).micro_batches > 0 for m in self.layers.values())
 
     def step(self) -> dict[str, float]:
         """Close the current optimizer step: update biases, record loads, reset counts.

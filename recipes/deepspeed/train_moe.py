@@ -61,9 +61,9 @@ def main(argv=None) -> None:
     # Expert shards go to their own param groups (DeepSpeed reduces them over the expert-data-parallel group).
     optimizer = torch.optim.AdamW(moeplug_deepspeed.param_groups(model), lr=args.lr)
     engine, *_ = moeplug_deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    # Stepped by hand at each accumulation boundary, not hooked on the optimizer: ZeRO-1/2 call the torch
-    # optimizer's step() once per param group, and expert parameters have their own group.
-    controller = moeplug.BalanceController(model, bias_update_rate=args.bias_update_rate)
+    # Hooked on the torch optimizer inside the engine: it closes each balancing step once, although ZeRO-1/2
+    # call step() once per param group (expert parameters have their own).
+    controller = moeplug.BalanceController(model, optimizer, bias_update_rate=args.bias_update_rate)
     rank = torch.distributed.get_rank()
     if rank == 0:
         print(f"{report}; ZeRO stage {engine.zero_optimization_stage()} on {torch.distributed.get_world_size()} ranks")
@@ -78,7 +78,6 @@ def main(argv=None) -> None:
         engine.step()  # steps the optimizer every gradient_accumulation_steps micro-batches
         micro_losses.append(loss.item())
         if boundary:  # an optimizer step just happened
-            controller.step()
             step_losses.append(sum(micro_losses) / len(micro_losses))
             micro_losses = []
             progress.update(1)

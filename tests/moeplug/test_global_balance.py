@@ -68,6 +68,21 @@ def test_optimizer_hook_closes_one_step_per_optimizer_step():
     assert metrics["moe/max_over_mean"] >= 1.0 and "moe/lbl" in metrics
 
 
+def test_optimizer_stepped_once_per_param_group_closes_one_step():
+    # DeepSpeed ZeRO-1/2 call the torch optimizer's step() once per param group in one real step.
+    layer = _layer("micro")
+    optimizer = torch.optim.SGD([{"params": [layer.router.weight]},
+                                 {"params": [p for n, p in layer.named_parameters() if n != "router.weight"]}], lr=0.0)
+    controller = BalanceController(layer, optimizer, bias_update_rate=0.01)
+    for step in range(1, 4):
+        layer(torch.randn(5, HIDDEN)).sum().backward()
+        for _ in optimizer.param_groups:
+            optimizer.step()  # as ZeRO's per-group step does, with the other groups swapped out
+        assert controller.steps == step and controller.last_step_counts[""].sum() == 5 * 2
+    # the bias moved once per real step: each coordinate by exactly rate x sign, three times at most
+    assert float(layer.selection_bias.abs().max()) <= 3 * 0.01 + 1e-9
+
+
 def test_aux_free_bias_moves_a_skewed_router_toward_balance():
     layer = _layer("none")
     with torch.no_grad():
