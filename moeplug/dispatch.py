@@ -98,6 +98,7 @@ class ExpertParallel:
 
 # This rank's (EP group, expert-data-parallel group) per (world size, ep_size), created once.
 _groups: dict[tuple[int, int], tuple] = {}
+_external_groups: set[tuple[int, int]] = set()  # keys of _groups registered by use_process_groups
 
 
 def _ranks(group) -> list[int]:
@@ -126,6 +127,12 @@ def use_process_groups(ep_size: int, ep_group, expert_dp_group) -> None:
             raise ValueError(f"the {what} group of rank {rank} holds ranks {got}; moeplug's EP-major layout "
                              f"for ep_size={ep_size} in a world of {world} expects {want}")
     _groups[(world, ep_size)] = (ep_group, expert_dp_group if world > ep_size else None)
+    _external_groups.add((world, ep_size))
+
+
+def uses_external_groups(ep_size: int) -> bool:
+    """Whether `ep_size` runs on groups registered with `use_process_groups` (e.g. DeepSpeed's)."""
+    return dist.is_initialized() and (dist.get_world_size(), ep_size) in _external_groups
 
 
 def expert_parallel(ep_size: int, num_experts: int) -> ExpertParallel:

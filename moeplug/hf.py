@@ -15,6 +15,8 @@ including its balancing loss that pools all layers' experts by index); options a
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +25,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .balance import RouterStats, auxiliary_losses, track_step
 from .config import MoEConfig
-from .dispatch import expert_parallel
+from .dispatch import expert_parallel, uses_external_groups
 from .experts import run_experts, shard_experts_
 from .router import apply_capacity, check_logits
 
@@ -193,6 +195,18 @@ def _add_aux_loss(state: _PatchState):
     return hook
 
 
+def _warn_if_plain_deepspeed(ep_size) -> None:
+    """Expert shards under a plain `deepspeed.initialize` would be averaged over all ranks: say so."""
+    deepspeed = sys.modules.get("deepspeed")
+    if (isinstance(ep_size, int) and ep_size > 1 and deepspeed is not None and deepspeed.comm.is_initialized()
+            and not uses_external_groups(ep_size)):
+        warnings.warn(f"moeplug.patch_model(ep_size={ep_size}) under DeepSpeed: use "
+                      "moeplug.integrations.deepspeed.patch_model (and its param_groups / initialize) so that "
+                      "ZeRO reduces each expert shard over its expert-data-parallel group; a plain "
+                      "deepspeed.initialize would average different experts' gradients across ranks",
+                      stacklevel=3)
+
+
 def patch_model(model: nn.Module, **options) -> PatchReport:
     """Patch a transformers MoE model in place and return a report of what changed.
 
@@ -219,6 +233,7 @@ def patch_model(model: nn.Module, **options) -> PatchReport:
     routers = {name: module for name, module in model.named_modules() if _is_router(module)}
     if not routers or not experts:
         raise ValueError(f"found no MoE routers/experts in this {family} model; nothing to patch")
+    _warn_if_plain_deepspeed(options.get("ep_size", 1))
     # Validate (and build process groups) before changing anything, so a bad ep_size leaves the model intact.
     layouts = {name: expert_parallel(options.get("ep_size", 1), model.get_submodule(name).num_experts)
                for name in experts}

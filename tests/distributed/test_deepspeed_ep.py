@@ -13,6 +13,7 @@ cases, including the error cases, in one set of processes.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,13 @@ def _error(call, expected=(ValueError, AssertionError)) -> str:
     return "no error"
 
 
+def _warnings(call) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        call()
+    return [str(w.message) for w in caught if "moeplug" in str(w.message)]
+
+
 def _error_cases() -> dict:
     """Bad set-ups, each expected to fail with a message naming the cause (world 4)."""
     from deepspeed.utils import groups
@@ -130,8 +138,10 @@ def _error_cases() -> dict:
     errors["ep_not_dividing_world"] = _error(lambda: mds.patch_model(_model(), ep_size=3))
     errors["ep_not_dividing_experts"] = _error(
         lambda: mds.patch_model(tiny_model("mixtral", num_local_experts=6), ep_size=4))
+    # A plain moeplug.patch_model under DeepSpeed warns (ZeRO would average the shards); the integration's does not.
+    errors["plain_patch_warnings"] = _warnings(lambda: moeplug.patch_model(_model(), ep_size=2))
     model = _model()
-    mds.patch_model(model, ep_size=2)
+    errors["integration_patch_warnings"] = _warnings(lambda: mds.patch_model(model, ep_size=2))
     errors["data_before_expert"] = _error(lambda: model.model.layers[0].mlp.experts.deepspeed_moe_marker
                                           .set_deepspeed_parallelism(use_data_before_expert_parallel_=True))
     mixed = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -189,6 +199,9 @@ def test_deepspeed_zero_with_expert_parallelism_matches_plain_training(tmp_path,
         assert "expects [0, 1]" in errors["mismatched_groups"]
         assert "ep_size=3 must be a positive integer dividing the world size (4)" in errors["ep_not_dividing_world"]
         assert "ep_size=4 must divide the number of experts (6)" in errors["ep_not_dividing_experts"]
+        assert len(errors["plain_patch_warnings"]) == 1, errors["plain_patch_warnings"]
+        assert "moeplug.integrations.deepspeed.patch_model" in errors["plain_patch_warnings"][0]
+        assert errors["integration_patch_warnings"] == []
         assert "EP-major" in errors["data_before_expert"]
         assert "mixes expert-parallel and replicated parameters" in errors["mixed_param_groups"]
         assert errors["zero3"].startswith("ValueError: ZeRO stage 3 with expert parallelism")
