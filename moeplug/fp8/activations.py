@@ -220,7 +220,8 @@ def compress_activations(
 
     Args:
         model: any ``nn.Module`` (an HF model, a patched MoE model, a plain block).
-        select: ``(qualified name, module) -> "tensor" | "group" | None``; see :func:`default_selection`.
+        select: ``(qualified name, module) -> "tensor" | "group" | "sdpa" | None``; see :func:`default_selection`
+            and :func:`with_attention`.
         group_size: values per scale for ``"group"`` modules (COAT: 16).
         min_numel: tensors with fewer elements are saved as they are.
 
