@@ -38,7 +38,8 @@ __all__ = [
 # patterns encoded and decoded here with integer ops, because (a) Ampere (sm_80) has no E4M3 type in
 # Triton and (b) the interpreter's fp32->fp8 cast drops the rounding carry (measured: 31.5 -> 16 in
 # E4M3). The encoder rounds to nearest-even like torch's cast, so codes match the torch reference bit
-# for bit wherever the fp32 inputs to the cast match.
+# for bit wherever the fp32 inputs to the cast match. Divisions use tl.math.div_rn: Triton compiles fp32
+# `/` to an approximate PTX division (div.full / div.approx, ~2 ulp), torch's is IEEE (round to nearest).
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -87,7 +88,7 @@ def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, numel, FP8_MAX: tl.constexpr,
     rows, offsets, mask, row_mask = _tile(tl.program_id(0), numel, GROUP, ROWS)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=1)
-    scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, FP8_MAX), 1.0)
     q = tl.minimum(tl.math.div_rn(tl.abs(x), scale[:, None]), FP8_MAX)
     tl.store(codes_ptr + offsets, _encode_fp8(q, _sign_bit(x), MANT, BIAS), mask=mask)
     tl.store(scales_ptr + rows, scale, mask=row_mask)
@@ -115,8 +116,8 @@ def _quantize_expanded_kernel(x_ptr, codes_ptr, amax_ptr, k16_ptr, numel, LOG2_R
     log_mag = tl.log2(tl.maximum(mag, TINY))
     log_max = tl.max(log_mag, axis=1)
     log_min = tl.min(tl.where(nonzero, log_mag, float("inf")), axis=1)
-    k16 = tl.clamp(tl.floor(LOG2_RANGE / (log_max - log_min) * 16.0), 1.0, 255.0)
-    k = k16 / 16.0
+    k16 = tl.clamp(tl.floor(tl.math.div_rn(LOG2_RANGE, log_max - log_min) * 16.0), 1.0, 255.0)
+    k = k16 * 0.0625  # exact (a power of two), where `/` would be an approximate division
     offset = LOG2_E4M3_MAX - k * log_max
     q = tl.where(nonzero, tl.exp2(offset[:, None] + log_mag * k[:, None]), 0.0)
     tl.store(codes_ptr + offsets, _encode_fp8(q, _sign_bit(x), 3, 7), mask=mask)
@@ -130,7 +131,7 @@ def _dequantize_expanded_kernel(codes_ptr, amax_ptr, k16_ptr, out_ptr, numel, LO
     rows, offsets, mask, row_mask = _tile(tl.program_id(0), numel, GROUP, ROWS)
     q, negative = _decode_fp8(tl.load(codes_ptr + offsets, mask=mask, other=0), 3, 7)
     amax = tl.load(amax_ptr + rows, mask=row_mask, other=0.0)
-    inv_k = 16.0 / tl.load(k16_ptr + rows, mask=row_mask, other=16).to(tl.float32)
+    inv_k = tl.math.div_rn(16.0, tl.load(k16_ptr + rows, mask=row_mask, other=16).to(tl.float32))
     offset = tl.log2(tl.maximum(amax, TINY)) - LOG2_E4M3_MAX * inv_k
     x = tl.where(q > 0, tl.exp2(offset[:, None] + tl.log2(tl.maximum(q, TINY)) * inv_k[:, None]), 0.0)
     tl.store(out_ptr + offsets, tl.where(negative, -x, x).to(out_ptr.dtype.element_ty), mask=mask)
