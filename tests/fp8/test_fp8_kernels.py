@@ -1,5 +1,6 @@
 """FP8 group quantisation (kernels.fp8): torch references against independent oracles, and the Triton
-kernels against the references in Triton's interpreter (in a subprocess, see triton_interpreter_cases.py)."""
+kernels against the references (in a subprocess, see triton_interpreter_cases.py): in Triton's interpreter
+or, with the ``device`` fixture on CUDA (tests/conftest.py), compiled for the GPU."""
 
 import math
 import os
@@ -149,9 +150,12 @@ def test_errors_name_the_bad_value():
         fp8.dequantize_fp8(codes, torch.ones(3), 16)
 
 
-def test_triton_kernels_match_references_in_interpreter():
+def test_triton_kernels_match_references(device):
     cases = Path(__file__).with_name("triton_interpreter_cases.py")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONWARNINGS": "ignore"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env |= {"MOEPLUG_TEST_DEVICE": device.type, "PYTHONWARNINGS": "ignore"}
+    if device.type == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
                           env=env, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[2])

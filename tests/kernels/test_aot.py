@@ -16,7 +16,9 @@ from kernels import _aot
 
 
 @pytest.fixture(scope="module")
-def reports():
+def reports(device):
+    if device.type == "cuda":
+        pytest.skip("on a GPU the oracle tests compile every kernel for real; this check is for GPU-less machines")
     reason = _aot.missing_toolchain()
     if reason:
         pytest.skip(f"no Triton NVIDIA toolchain: {reason}")

@@ -1,4 +1,7 @@
-"""grouped_mm: torch reference vs a per-row oracle, Triton (interpreter on CPU) vs the reference, gradients."""
+"""grouped_mm: torch reference vs a per-row oracle, Triton vs the reference, gradients.
+
+Inputs live on the ``device`` fixture (tests/conftest.py): CPU runs Triton in its interpreter, CUDA compiles it.
+"""
 
 import pytest
 import torch
@@ -8,7 +11,8 @@ from kernels import grouped_mm, use_backend
 # fp32: both sides accumulate in fp32 in a different order. fp16: both accumulate in fp32 and round the
 # result (values ~1) to fp16, whose spacing near 1 is 1e-3; a few roundings apart is within 1e-2.
 # bf16 keeps 8 bits of mantissa (spacing 0.03 near 4). The interpreter's bf16 tl.dot is wrong (DESIGN.md),
-# so the kernels upcast bf16 tiles there; the bf16 cases check that workaround.
+# so the kernels upcast bf16 tiles there (the bf16 cases check that workaround); on a GPU they run tl.dot on
+# bf16 tiles, which also multiplies exactly and accumulates in fp32, so the same tolerances apply.
 TOL = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=1e-2, rtol=1e-2),
@@ -18,8 +22,11 @@ SHAPES = [(1, 33, 100), (7, 33, 100), (100, 64, 48)]  # (tokens, K, N): K, N not
 MODES = ["grouped", "gather", "gather_scatter_gates"]
 
 
-def make_case(tokens, k_dim, n_dim, dtype, experts=5, top_k=2, seed=0):
-    """Top-k routed tokens in which expert 1 (and often others) gets no rows; weight in HF's [E, N, K]."""
+def make_case(tokens, k_dim, n_dim, dtype, device, experts=5, top_k=2, seed=0):
+    """Top-k routed tokens in which expert 1 (and often others) gets no rows; weight in HF's [E, N, K].
+
+    Drawn on the CPU (the same values on every device), then moved to ``device``.
+    """
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, k_dim, generator=gen).to(dtype)
     w_hf = (torch.randn(experts, n_dim, k_dim, generator=gen) / k_dim**0.5).to(dtype)
@@ -28,7 +35,7 @@ def make_case(tokens, k_dim, n_dim, dtype, experts=5, top_k=2, seed=0):
     order = torch.argsort(choice, stable=True)  # sorted slot -> token-major slot
     offsets = torch.bincount(choice, minlength=experts).cumsum(0)
     gates = torch.rand(tokens * top_k, generator=gen).to(dtype)[order]
-    return x, w_hf, offsets, order // top_k, order, gates
+    return tuple(t.to(device) for t in (x, w_hf, offsets, order // top_k, order, gates))
 
 
 def mode_args(mode, x, gather, scatter, gates):
@@ -56,8 +63,8 @@ def per_row_oracle(x, weight, offsets, gather_index=None, scatter_index=None, ga
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["hf_transposed", "contiguous"])
-def test_reference_matches_per_row_oracle(shape, mode, layout):
-    x, w_hf, offsets, gather, scatter, gates = make_case(*shape, torch.float32)
+def test_reference_matches_per_row_oracle(shape, mode, layout, device):
+    x, w_hf, offsets, gather, scatter, gates = make_case(*shape, torch.float32, device)
     weight = w_hf.transpose(1, 2) if layout == "hf_transposed" else w_hf.transpose(1, 2).contiguous()
     x_in, kwargs = mode_args(mode, x, gather, scatter, gates)
     with use_backend("torch"):
@@ -68,8 +75,8 @@ def test_reference_matches_per_row_oracle(shape, mode, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_triton_matches_reference(shape, mode, dtype):
-    x, w_hf, offsets, gather, scatter, gates = make_case(*shape, dtype)
+def test_triton_matches_reference(shape, mode, dtype, device):
+    x, w_hf, offsets, gather, scatter, gates = make_case(*shape, dtype, device)
     x_in, kwargs = mode_args(mode, x, gather, scatter, gates)
     with use_backend("torch"):
         expected = grouped_mm(x_in, w_hf.transpose(1, 2), offsets, **kwargs)
@@ -86,9 +93,9 @@ def _grads(fn, x, w_hf, gates, grad_out):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("shape", [(7, 33, 100), (100, 64, 48)])
-def test_gradients_match_autograd_of_per_row_oracle(shape, backend):
-    x, w_hf, offsets, gather, scatter, gates = make_case(*shape, torch.float32)
-    grad_out = torch.randn(gather.shape[0], shape[2])
+def test_gradients_match_autograd_of_per_row_oracle(shape, backend, device):
+    x, w_hf, offsets, gather, scatter, gates = make_case(*shape, torch.float32, device)
+    grad_out = torch.randn(gather.shape[0], shape[2]).to(device)
     with use_backend(backend):
         got = _grads(
             lambda x, w, g: grouped_mm(x, w, offsets, gather_index=gather, scatter_index=scatter, gates=g),
@@ -99,9 +106,10 @@ def test_gradients_match_autograd_of_per_row_oracle(shape, backend):
         torch.testing.assert_close(a, b, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
 
 
-def test_fp16_triton_gradients_match_reference():
-    x, w_hf, offsets, gather, scatter, gates = make_case(7, 33, 100, torch.float16)
-    grad_out = torch.randn(gather.shape[0], 100).to(torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_triton_gradients_match_reference(dtype, device):
+    x, w_hf, offsets, gather, scatter, gates = make_case(7, 33, 100, dtype, device)
+    grad_out = torch.randn(gather.shape[0], 100).to(device, dtype)
     results = []
     for backend in ("torch", "triton"):
         with use_backend(backend):
@@ -112,12 +120,12 @@ def test_fp16_triton_gradients_match_reference():
                 )  # fmt: skip
             )
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, **TOL[torch.float16])
+        torch.testing.assert_close(a, b, **TOL[dtype])
 
 
-def test_backward_accepts_expanded_gradient():
+def test_backward_accepts_expanded_gradient(device):
     """``out.sum()`` hands backward a stride-0 gradient, which torch._grouped_mm's backward rejects."""
-    x, w_hf, offsets, gather, scatter, gates = make_case(7, 32, 48, torch.float32)
+    x, w_hf, offsets, gather, scatter, gates = make_case(7, 32, 48, torch.float32, device)
     x.requires_grad_()
     grouped_mm(x, w_hf.transpose(1, 2), offsets, gather_index=gather).sum().backward()
     expert_of_row = torch.repeat_interleave(torch.diff(offsets, prepend=torch.zeros_like(offsets[:1])))
@@ -126,8 +134,8 @@ def test_backward_accepts_expanded_gradient():
     torch.testing.assert_close(x.grad, expected, **TOL[torch.float32])
 
 
-def test_custom_op_registration_and_compile():
-    x, w_hf, offsets, gather, scatter, gates = make_case(7, 32, 48, torch.float32)
+def test_custom_op_registration_and_compile(device):
+    x, w_hf, offsets, gather, scatter, gates = make_case(7, 32, 48, torch.float32, device)
     args = (x.requires_grad_(), w_hf.transpose(1, 2), offsets, gather, scatter, gates)
     torch.library.opcheck(torch.ops.moeplug_kernels.grouped_mm.default, args)
     compiled = torch.compile(
@@ -138,7 +146,8 @@ def test_custom_op_registration_and_compile():
 
 
 def test_bad_input_names_value_and_expectation():
-    x, w_hf, offsets, gather, scatter, gates = make_case(7, 32, 48, torch.float32)
+    # CPU tensors on every device: the offset values are only checked where reading them cannot stall a GPU.
+    x, w_hf, offsets, gather, scatter, gates = make_case(7, 32, 48, torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"expert_offsets\[-1\] = 14 must equal .* S = 13"):
         grouped_mm(x, w_hf.transpose(1, 2), offsets, gather_index=gather[:-1])
     with pytest.raises(ValueError, match="weight is torch.float16"):
@@ -150,13 +159,13 @@ def test_bad_input_names_value_and_expectation():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_rows_at_all(backend):
+def test_no_rows_at_all(backend, device):
     """Every expert empty (e.g. a rank that received no tokens): empty output, zero gradients."""
-    x = torch.randn(3, 32, requires_grad=True)
-    weight = torch.randn(4, 32, 48, requires_grad=True)
-    none = torch.zeros(0, dtype=torch.int64)
+    x = torch.randn(3, 32, device=device, requires_grad=True)
+    weight = torch.randn(4, 32, 48, device=device, requires_grad=True)
+    none = torch.zeros(0, dtype=torch.int64, device=device)
     with use_backend(backend):
-        out = grouped_mm(x, weight, torch.zeros(4, dtype=torch.int64), gather_index=none, scatter_index=none)
+        out = grouped_mm(x, weight, none.new_zeros(4), gather_index=none, scatter_index=none)
         out.sum().backward()
     assert out.shape == (0, 48)
     assert not x.grad.any() and not weight.grad.any()

@@ -1,4 +1,7 @@
-"""lora_shrink / lora_expand: torch reference vs PEFT-style dense math per row, Triton vs the reference."""
+"""lora_shrink / lora_expand: torch reference vs PEFT-style dense math per row, Triton vs the reference.
+
+Inputs live on the ``device`` fixture (tests/conftest.py): CPU runs Triton in its interpreter, CUDA compiles it.
+"""
 
 import math
 
@@ -10,7 +13,8 @@ from kernels import lora_expand, lora_shrink, use_backend
 K_DIM, N_DIM, SLOT_WIDTH = 100, 33, 16  # both span several 16-wide slots, the last one partly
 RANKS = [1, 8, 16, 64, 8]  # adapter 4 gets no rows in any batch below
 # fp32: same math, other summation order. fp16: values ~1 rounded to fp16 (spacing 1e-3) a few times.
-# bf16 (spacing 0.06 near 12, the largest outputs) checks the kernels' upcast around the interpreter's wrong bf16 tl.dot.
+# bf16 (spacing 0.06 near 12, the largest outputs) checks the kernels' upcast around the interpreter's wrong bf16
+# tl.dot on the CPU, and the real bf16 tl.dot (exact products, fp32 sums) on a GPU.
 TOL = {
     torch.float32: dict(atol=1e-4, rtol=1e-4),
     torch.float16: dict(atol=2e-2, rtol=2e-2),
@@ -18,11 +22,12 @@ TOL = {
 }
 
 
-def make_paged_adapters(ranks, dtype, table_rank=None, table_dtype=torch.int64, seed=0):
+def make_paged_adapters(ranks, dtype, device, table_rank=None, table_dtype=torch.int64, seed=0):
     """PEFT-shaped ``lora_A [r, K]`` and ``lora_B [N, r]`` per adapter, scattered over shuffled pool slots.
 
     Unused slots and the tail of each last chunk hold random values, and table entries past each rank
     hold -1, so reading anything the layout does not name shows up as a wrong result or an error.
+    Drawn on the CPU (the same values on every device); the paged tensors are moved to ``device``.
     """
     gen = torch.Generator().manual_seed(seed)
     ck, cn = math.ceil(K_DIM / SLOT_WIDTH), math.ceil(N_DIM / SLOT_WIDTH)
@@ -45,10 +50,11 @@ def make_paged_adapters(ranks, dtype, table_rank=None, table_dtype=torch.int64, 
         lora_b.append(b.to(dtype))
     ranks_t = torch.tensor(ranks)
     scales = 2.0 / ranks_t.double().sqrt()  # rsLoRA-style alpha / sqrt(r)
-    return pool.to(dtype), a_table, b_table, ranks_t, scales.float(), lora_a, lora_b
+    paged = (pool.to(dtype), a_table, b_table, ranks_t, scales.float())
+    return (*(t.to(device) for t in paged), lora_a, lora_b)
 
 
-def make_batch(tokens, layout, dtype, seed=1):
+def make_batch(tokens, layout, dtype, device, seed=1):
     """Rows with adapters 0-3 and -1 (base model): decode-like mixed order, or prefill-like segments."""
     gen = torch.Generator().manual_seed(seed)
     row_adapter = torch.randint(-1, 4, (tokens,), generator=gen)
@@ -56,7 +62,7 @@ def make_batch(tokens, layout, dtype, seed=1):
         row_adapter = row_adapter.sort().values
     x = torch.randn(tokens, K_DIM, generator=gen).to(dtype)
     y = torch.randn(tokens, N_DIM, generator=gen).to(dtype)
-    return x, y, row_adapter
+    return x.to(device), y.to(device), row_adapter.to(device)
 
 
 def apply_lora(x, y, row_adapter, pool, a_table, b_table, ranks, scales):
@@ -66,16 +72,17 @@ def apply_lora(x, y, row_adapter, pool, a_table, b_table, ranks, scales):
 
 @pytest.mark.parametrize("layout", ["mixed", "segments"])
 @pytest.mark.parametrize("tokens", [1, 7, 100])
-def test_reference_matches_dense_peft_math_per_row(tokens, layout):
-    pool, a_table, b_table, ranks, scales, lora_a, lora_b = make_paged_adapters(RANKS, torch.float32)
-    x, y, row_adapter = make_batch(tokens, layout, torch.float32)
+def test_reference_matches_dense_peft_math_per_row(tokens, layout, device):
+    pool, a_table, b_table, ranks, scales, lora_a, lora_b = make_paged_adapters(RANKS, torch.float32, device)
+    x, y, row_adapter = make_batch(tokens, layout, torch.float32, device)
     with use_backend("torch"):
         v, out = apply_lora(x, y, row_adapter, pool, a_table, b_table, ranks, scales)
     expected_v, expected_y = torch.zeros_like(v), y.clone()
     for t, a in enumerate(row_adapter.tolist()):
         if a >= 0:  # PEFT: base(x) + lora_B(lora_A(x)) * scaling
-            expected_v[t, : RANKS[a]] = x[t] @ lora_a[a].t()
-            expected_y[t] += x[t] @ lora_a[a].t() @ lora_b[a].t() * scales[a]
+            lora_a_t, lora_b_t = lora_a[a].t().to(device), lora_b[a].t().to(device)
+            expected_v[t, : RANKS[a]] = x[t] @ lora_a_t
+            expected_y[t] += x[t] @ lora_a_t @ lora_b_t * scales[a]
     torch.testing.assert_close(v, expected_v, **TOL[torch.float32])
     torch.testing.assert_close(out, expected_y, **TOL[torch.float32])
 
@@ -83,9 +90,9 @@ def test_reference_matches_dense_peft_math_per_row(tokens, layout):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["mixed", "segments"])
 @pytest.mark.parametrize("tokens", [1, 7, 100])
-def test_triton_matches_reference(tokens, layout, dtype):
-    paged = make_paged_adapters(RANKS, dtype, table_dtype=torch.int32)[:5]
-    x, y, row_adapter = make_batch(tokens, layout, dtype)
+def test_triton_matches_reference(tokens, layout, dtype, device):
+    paged = make_paged_adapters(RANKS, dtype, device, table_dtype=torch.int32)[:5]
+    x, y, row_adapter = make_batch(tokens, layout, dtype, device)
     with use_backend("torch"):
         expected = apply_lora(x, y, row_adapter, *paged)
     with use_backend("triton"):
@@ -95,20 +102,21 @@ def test_triton_matches_reference(tokens, layout, dtype):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_table_padding_does_not_change_the_result(backend):
-    x, y, row_adapter = make_batch(7, "mixed", torch.float32)
+def test_table_padding_does_not_change_the_result(backend, device):
+    x, y, row_adapter = make_batch(7, "mixed", torch.float32, device)
+    tight, wide = (make_paged_adapters(RANKS, torch.float32, device, table_rank=r)[:5] for r in (None, 80))
     with use_backend(backend):
-        v_tight, y_tight = apply_lora(x, y, row_adapter, *make_paged_adapters(RANKS, torch.float32)[:5])
-        v_wide, y_wide = apply_lora(x, y, row_adapter, *make_paged_adapters(RANKS, torch.float32, table_rank=80)[:5])
+        v_tight, y_tight = apply_lora(x, y, row_adapter, *tight)
+        v_wide, y_wide = apply_lora(x, y, row_adapter, *wide)
     assert v_wide.shape == (7, 80) and not v_wide[:, 64:].any()
     torch.testing.assert_close(v_wide[:, :64], v_tight, **TOL[torch.float32])
     torch.testing.assert_close(y_wide, y_tight, **TOL[torch.float32])
 
 
-def test_base_model_rows_are_untouched_by_both_backends():
-    paged = make_paged_adapters(RANKS, torch.float32)[:5]
-    x, y, _ = make_batch(7, "mixed", torch.float32)
-    row_adapter = torch.tensor([-1, 2, -1, -1, 0, -1, -1])
+def test_base_model_rows_are_untouched_by_both_backends(device):
+    paged = make_paged_adapters(RANKS, torch.float32, device)[:5]
+    x, y, _ = make_batch(7, "mixed", torch.float32, device)
+    row_adapter = torch.tensor([-1, 2, -1, -1, 0, -1, -1], device=device)
     for backend in ("torch", "triton"):
         with use_backend(backend):
             v, out = apply_lora(x, y, row_adapter, *paged)
@@ -119,8 +127,9 @@ def test_base_model_rows_are_untouched_by_both_backends():
 
 
 def test_bad_input_names_value_and_expectation():
-    pool, a_table, b_table, ranks, scales, _, _ = make_paged_adapters(RANKS, torch.float32)
-    x, y, row_adapter = make_batch(7, "mixed", torch.float32)
+    # CPU tensors on every device: values are only checked where reading them cannot stall a GPU.
+    pool, a_table, b_table, ranks, scales, _, _ = make_paged_adapters(RANKS, torch.float32, "cpu")
+    x, y, row_adapter = make_batch(7, "mixed", torch.float32, "cpu")
     with pytest.raises(ValueError, match=r"row_adapter values must lie in \[-1, 4\], got min -1 max 5"):
         lora_shrink(x, pool, a_table, ranks, torch.full_like(row_adapter, 5).index_fill_(0, torch.tensor([0]), -1))
     with pytest.raises(ValueError, match=r"ranks must lie in \[0, 64\]"):
