@@ -15,6 +15,7 @@ No GPU was lent to this project, so NO GPU TIMING EXISTS. What this script repor
 
     .venv/bin/python benchmarks/kernel_ops.py            # full CPU shapes (about a minute)
     .venv/bin/python benchmarks/kernel_ops.py --smoke    # tiny shapes, seconds (CI smoke)
+    python3 benchmarks/kernel_ops.py --gpu --out DIR     # GPU timings instead: runs benchmarks/kernel_gpu.py
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -99,14 +101,14 @@ def gpu_static_report() -> dict:
 
 
 # ------------------------------------------------------------------------------------------ CPU: grouped
-def _grouped_inputs(tokens, top_k, experts, k, n):
+def _grouped_inputs(tokens, top_k, experts, k, n, device="cpu", dtype=torch.float32):
     torch.manual_seed(0)
-    x = torch.randn(tokens, k, requires_grad=True)
-    w_hf = (torch.randn(experts, n, k) / k**0.5).requires_grad_()  # HF layout [E, N, K]
-    choice = torch.rand(tokens, experts).topk(top_k, dim=1).indices.flatten()
+    x = torch.randn(tokens, k, device=device, dtype=dtype, requires_grad=True)
+    w_hf = (torch.randn(experts, n, k, device=device, dtype=dtype) / k**0.5).requires_grad_()  # HF layout [E, N, K]
+    choice = torch.rand(tokens, experts, device=device).topk(top_k, dim=1).indices.flatten()
     order = torch.argsort(choice, stable=True)
     offsets = torch.bincount(choice, minlength=experts).cumsum(0)
-    gates = torch.rand(tokens * top_k)[order].requires_grad_()
+    gates = torch.rand(tokens * top_k, device=device, dtype=dtype)[order].requires_grad_()
     return x, w_hf, offsets, order // top_k, order, gates
 
 
@@ -207,7 +209,13 @@ def bench_lora(shapes: dict, warmup: int, repeats: int) -> list[dict]:
 
 
 def main() -> None:
+    if "--gpu" in sys.argv[1:]:
+        # A process of its own: kernel_gpu.py must choose compiled vs interpreted Triton before any kernel is
+        # defined, and this module has defined them already (imports above).
+        argv = [sys.executable, str(Path(__file__).with_name("kernel_gpu.py"))]
+        os.execv(sys.executable, argv + [a for a in sys.argv[1:] if a != "--gpu"])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", action="store_true", help="time on CUDA instead (see kernel_gpu.py; --out is a DIR)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for CI")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
