@@ -26,9 +26,10 @@ def _moments(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("fused", [None, False], ids=["fused-cpu", "torch-path"])
-def test_50_steps_track_torch_adamw_with_resync(fused):
+def test_50_steps_track_torch_adamw_with_resync(fused, device):
+    # On a GPU (the `device` fixture, tests/conftest.py) quantised moments go through the Triton kernels.
     torch.manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in SHAPES]
+    ours = [torch.nn.Parameter((torch.randn(s) * 0.1).to(device)) for s in SHAPES]
     ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     opt, ref_opt = FP8AdamW(_groups(ours), fused=fused, **HYPER), torch.optim.AdamW(_groups(ref), **HYPER)
     for _ in range(50):
@@ -41,8 +42,11 @@ def test_50_steps_track_torch_adamw_with_resync(fused):
             lr = next(g["lr"] for g in opt.param_groups if any(p is x for x in g["params"]))
             m, v = _moments(opt.state[p])
             ref_m, ref_v = ref_opt.state[q]["exp_avg"], ref_opt.state[q]["exp_avg_sq"]
-            if p.numel() < 4096:  # fp32 state: the same arithmetic as torch, bit for bit
+            if p.numel() < 4096 and device.type == "cpu":  # fp32 state: the same arithmetic as torch, bit for bit
                 assert torch.equal(p, q) and torch.equal(m, ref_m) and torch.equal(v, ref_v)
+            elif p.numel() < 4096:  # torch's CUDA AdamW runs its own fused/foreach kernels: rounding may differ
+                for ours_t, ref_t in ((p, q), (m, ref_m), (v, ref_v)):
+                    torch.testing.assert_close(ours_t, ref_t, rtol=1e-6, atol=1e-9)
             else:
                 # Worst over the 50 steps, measured: max |Δp| 0.14·lr, mean 0.008·lr; exp_avg error 8.5% of
                 # the tensor's largest moment (median 3.7% relative); exp_avg_sq median 2.6% relative,

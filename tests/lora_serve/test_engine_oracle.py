@@ -39,14 +39,16 @@ def _targets(family: str, targets: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "mixtral"])
-def test_mixed_batch_matches_peft_per_adapter(family, tmp_path, lora):
+def test_mixed_batch_matches_peft_per_adapter(family, tmp_path, lora, device):
+    # On a GPU (the `device` fixture, tests/conftest.py) the engine runs the Triton LoRA kernels; the
+    # oracle stays PEFT on the CPU.
     base = lora.tiny_model(family)
     paths = {}
     for seed, (name, (rank, targets, options)) in enumerate(ADAPTERS.items()):
         paths[name] = tmp_path / name
         lora.save_adapter(base, paths[name], rank, _targets(family, targets), seed=seed, **dict(options))
 
-    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=6000, max_batch_tokens=24))
+    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=6000, max_batch_tokens=24, device=device))
     for name, path in paths.items():
         engine.add_adapter(name, path)
 

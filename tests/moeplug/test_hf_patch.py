@@ -30,11 +30,12 @@ def _loss_and_grads(model, ids, mask):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_patched_matches_transformers(family):
-    reference, patched = tiny_model(family), tiny_model(family)
+def test_patched_matches_transformers(family, device):
+    # On a GPU (the `device` fixture, tests/conftest.py) the patched experts run the Triton grouped GEMM.
+    reference, patched = tiny_model(family).to(device), tiny_model(family).to(device)
     report = moeplug.patch_model(patched)
     assert report.family == family and report.routers and report.experts
-    ids, mask = _batch()
+    ids, mask = (t.to(device) for t in _batch())
     ref_out, ref_grads = _loss_and_grads(reference, ids, mask)
     out, grads = _loss_and_grads(patched, ids, mask)
     # fp32 grouped GEMMs sum in a different order than transformers' per-expert loop.
