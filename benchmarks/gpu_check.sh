@@ -6,8 +6,9 @@
 # Needs python3 with torch, triton, numpy and pytest (no venv, no pytest plugins, nothing downloaded).
 # Writes six flat files into $OUT, as it goes:
 #   env.txt           nvidia-smi, python / torch / triton / CUDA versions, the device
-#   kernel_tests.log  pytest -v of tests/kernels + tests/fp8/test_fp8_kernels.py with MOEPLUG_TEST_DEVICE=cuda
-#                     (four pytest processes in parallel, so Triton compiles on four cores; logs appended in turn)
+#   kernel_tests.log  pytest -v of tests/kernels + tests/fp8/test_fp8_kernels.py and the library oracle tests that
+#                     take the `device` fixture, with MOEPLUG_TEST_DEVICE=cuda (five pytest processes in
+#                     parallel, so Triton compiles on several cores; logs appended in turn)
 #   kernel_gpu.log    stdout of benchmarks/kernel_gpu.py; kernel_gpu.json, kernel_gpu.md: its results
 #   summary.txt       the pytest result lines and exit codes of every step
 # Every step runs under `timeout` (tests 170 s, benchmark 120 s) and a failing step never stops the next,
@@ -58,14 +59,16 @@ cat "$OUT/env.txt"
 # 2. Kernel oracle tests. -o addopts="" drops pyproject's options (they name no plugin, but a device may
 # lack some); importlib mode is re-added because tests/kernels must not shadow the kernels package.
 # pyproject's `timeout` option only warns without pytest-timeout; `timeout` below bounds each process.
-log "kernel tests: 4 pytest processes, 170 s limit"
 PYTEST=("$PY" -m pytest -p no:cacheprovider -o addopts="" --import-mode=importlib -v -ra --durations=8)
 groups=(
     "tests/kernels/test_grouped_gemm.py"
     "tests/kernels/test_gated_mlp.py tests/kernels/test_kernels_backend.py tests/kernels/test_aot.py"
     "tests/kernels/test_lora_kernels.py"
     "tests/fp8/test_fp8_kernels.py"
+    # the kernels inside the libraries: patched HF MoE models, the mixed-batch engine vs PEFT, FP8AdamW vs AdamW
+    "tests/moeplug/test_hf_patch.py::test_patched_matches_transformers tests/lora_serve/test_engine_oracle.py::test_mixed_batch_matches_peft_per_adapter tests/fp8/test_fp8_optim.py::test_50_steps_track_torch_adamw_with_resync"
 )
+log "kernel tests: ${#groups[@]} pytest processes, 170 s limit"
 pids=()
 for i in "${!groups[@]}"; do
     # shellcheck disable=SC2086  # the group is a list of paths
