@@ -83,6 +83,14 @@ def _decode_fp8(code, MANT: tl.constexpr, BIAS: tl.constexpr):
 
 
 @triton.jit
+def _apply_sign(magnitude, negative):
+    """``-magnitude`` where ``negative`` (magnitude >= 0), as a bit operation: a select of ``-x`` and ``x``
+    lost the sign of zero on an H200 (the compiler may treat zeros as unsigned), while torch keeps -0.0."""
+    bits = magnitude.to(tl.uint32, bitcast=True) | (negative.to(tl.uint32) << 31)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, numel, FP8_MAX: tl.constexpr, MANT: tl.constexpr,
                      BIAS: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr):
     rows, offsets, mask, row_mask = _tile(tl.program_id(0), numel, GROUP, ROWS)
@@ -100,7 +108,7 @@ def _dequantize_kernel(codes_ptr, scales_ptr, out_ptr, numel, MANT: tl.constexpr
     rows, offsets, mask, row_mask = _tile(tl.program_id(0), numel, GROUP, ROWS)
     mag, negative = _decode_fp8(tl.load(codes_ptr + offsets, mask=mask, other=0), MANT, BIAS)
     x = mag * tl.load(scales_ptr + rows, mask=row_mask, other=1.0)[:, None]
-    tl.store(out_ptr + offsets, tl.where(negative, -x, x).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offsets, _apply_sign(x, negative).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -134,7 +142,7 @@ def _dequantize_expanded_kernel(codes_ptr, amax_ptr, k16_ptr, out_ptr, numel, LO
     inv_k = tl.math.div_rn(16.0, tl.load(k16_ptr + rows, mask=row_mask, other=16).to(tl.float32))
     offset = tl.log2(tl.maximum(amax, TINY)) - LOG2_E4M3_MAX * inv_k
     x = tl.where(q > 0, tl.exp2(offset[:, None] + tl.log2(tl.maximum(q, TINY)) * inv_k[:, None]), 0.0)
-    tl.store(out_ptr + offsets, tl.where(negative, -x, x).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offsets, _apply_sign(x, negative).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # GPU launch configs. The kernels are memory-bound single passes without loops, so one stage, and ~2K
