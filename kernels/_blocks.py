@@ -2,32 +2,42 @@
 
 import torch
 import triton
+import triton.language as tl
 
 from .backend import interpreter_enabled
 
 
-def block_schedule(starts: torch.Tensor, ends: torch.Tensor, block_m: int, num_rows: int):
-    """Tile each group's rows ``[starts[g], ends[g])`` into blocks of at most ``block_m`` rows.
+@triton.jit
+def locate_block(ENDS, num_groups, block_id, BLOCK_M: tl.constexpr, GROUPS: tl.constexpr):
+    """Row block ``block_id`` of a padding-free schedule over groups of rows, found inside a kernel.
 
-    A block never spans two groups (ScatterMoE's padding-free schedule: only the last block of a group is
-    partial). Built with tensor ops only, so a GPU stream is never synchronised: the number of blocks is
-    bounded by ``ceil(num_rows / block_m) + min(groups, num_rows)`` and the unused tail gets group -1.
+    Group ``g`` holds rows ``[ENDS[g - 1], ENDS[g])`` (``[0, ENDS[0])`` for the first); each group's rows are
+    tiled into blocks of at most ``BLOCK_M`` rows, so a block never spans two groups and only a group's last
+    block is partial (ScatterMoE's schedule). ``GROUPS`` is a power of two >= ``num_groups``.
 
-    Needs at least one group.
+    Every program reads the groups' ends (a few hundred at most) and finds its own block, so a launch
+    needs no schedule tensors and never synchronises the stream: building them with torch took ~12 small
+    ops, ~0.35 ms of host time per call on an H200 machine, 20x the grouped GEMM itself at 4K rows.
 
-    Returns:
-        ``(block_group, block_start)``: int32 tensors of that bound's length, on ``ends``' device.
+    Returns ``(group, first_row, end_row)``; ``group >= num_groups`` marks an unused program of the
+    launch's upper bound (:func:`located_blocks`).
     """
-    starts, ends = starts.long(), ends.long()
-    per_group = (ends - starts + block_m - 1).div(block_m, rounding_mode="floor")
-    cumulative = per_group.cumsum(0)
-    num_blocks = triton.cdiv(num_rows, block_m) + min(ends.shape[0], num_rows)
-    block = torch.arange(num_blocks, device=ends.device)
-    group = torch.searchsorted(cumulative, block, right=True)
-    valid = group < ends.shape[0]
-    group = group.clamp(max=ends.shape[0] - 1)
-    block_start = starts[group] + (block - cumulative[group] + per_group[group]) * block_m
-    return torch.where(valid, group, -1).to(torch.int32), block_start.to(torch.int32)
+    g = tl.arange(0, GROUPS)
+    valid = g < num_groups
+    ends = tl.load(ENDS + g, mask=valid, other=0).to(tl.int32)
+    starts = tl.load(ENDS + g - 1, mask=valid & (g > 0), other=0).to(tl.int32)
+    blocks = tl.where(valid, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
+    cumulative = tl.cumsum(blocks, 0)
+    group = tl.sum((cumulative <= block_id).to(tl.int32), 0)  # empty groups are skipped: same cumulative
+    here = g == group
+    first_row = tl.sum(tl.where(here, starts + (block_id - cumulative + blocks) * BLOCK_M, 0), 0)
+    return group, first_row, tl.sum(tl.where(here, ends, 0), 0)
+
+
+def located_blocks(num_rows: int, num_groups: int, block_m: int) -> int:
+    """Programs along the row axis for :func:`locate_block`: an upper bound on the schedule's blocks
+    (full blocks, plus at most one partial block per non-empty group)."""
+    return triton.cdiv(num_rows, block_m) + min(num_groups, num_rows)
 
 
 def launch_config(configs: dict[str, dict], device: torch.device) -> dict:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._aot import aot_case
-from ._blocks import block_schedule, input_precision, launch_config, upcast_in_interpreter
+from ._blocks import input_precision, launch_config, locate_block, located_blocks, upcast_in_interpreter
 
 # Hopper: 128x128 tiles, 8 warps (two warpgroups) so tl.dot lowers to wgmma; 64-wide K in 3 stages
 # (~96 KiB shared). Ampere: the same tile with a 32-wide K slice in 4 stages (~64 KiB of 164 KiB).
@@ -42,18 +42,18 @@ WEIGHT_GRAD_CONFIGS = {
 
 @triton.jit
 def _scatter2scatter(
-    X, W, Y, GATES, IN_INDEX, OUT_INDEX, BLOCK_EXPERT, BLOCK_START, EXPERT_ENDS,
+    X, W, Y, GATES, IN_INDEX, OUT_INDEX, EXPERT_ENDS, num_experts,
     K, N,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn, stride_ym, stride_yn,
     HAS_IN_INDEX: tl.constexpr, HAS_OUT_INDEX: tl.constexpr, HAS_GATES: tl.constexpr, SWIGLU: tl.constexpr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, EXPERTS_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    expert = tl.load(BLOCK_EXPERT + tl.program_id(0))
-    if expert < 0:  # unused tail of the schedule
+    expert, first_row, end_row = locate_block(EXPERT_ENDS, num_experts, tl.program_id(0), BLOCK_M, EXPERTS_POW2)
+    if expert >= num_experts:  # unused tail of the launch
         return
-    rows = tl.load(BLOCK_START + tl.program_id(0)) + tl.arange(0, BLOCK_M)
-    row_mask = rows < tl.load(EXPERT_ENDS + expert)
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_mask = rows < end_row
     src = tl.load(IN_INDEX + rows, mask=row_mask, other=0) if HAS_IN_INDEX else rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -134,20 +134,19 @@ def forward(x, weight, offsets, gather_index=None, scatter_index=None, gates=Non
     k, n = weight.shape[1], weight.shape[2] // 2 if swiglu else weight.shape[2]
     y = x.new_empty(num_rows, n)
     cfg = dict(launch_config(SWIGLU_CONFIGS if swiglu else FORWARD_CONFIGS, x.device))
-    starts = torch.cat([offsets.new_zeros(1), offsets[:-1]])
-    block_expert, block_start = block_schedule(starts, offsets, cfg["BLOCK_M"], num_rows)
-    grid = (block_expert.shape[0], triton.cdiv(n, cfg["BLOCK_N"]))
+    num_experts = offsets.shape[0]
+    grid = (located_blocks(num_rows, num_experts, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _scatter2scatter[grid](
         x, weight, y,
         x if gates is None else gates,  # placeholders are never read: HAS_* flags are constexpr
-        block_expert if gather_index is None else gather_index,
-        block_expert if scatter_index is None else scatter_index,
-        block_expert, block_start, offsets,
+        offsets if gather_index is None else gather_index,
+        offsets if scatter_index is None else scatter_index,
+        offsets, num_experts,
         k, n,
         x.stride(0), x.stride(1), *weight.stride(), y.stride(0), y.stride(1),
         HAS_IN_INDEX=gather_index is not None, HAS_OUT_INDEX=scatter_index is not None,
         HAS_GATES=gates is not None, SWIGLU=swiglu, UPCAST=upcast_in_interpreter(x.dtype),
-        INPUT_PRECISION=input_precision(x.dtype), **cfg,
+        INPUT_PRECISION=input_precision(x.dtype), EXPERTS_POW2=triton.next_power_of_2(num_experts), **cfg,
     )  # fmt: skip
     return y
 
@@ -175,12 +174,13 @@ def weight_grad(x, dy, offsets, x_index=None, dy_index=None, gates=None, transpo
 
 # What moeplug launches, in bf16: x and gradients contiguous, the weight a transposed HF [E, N, K] parameter
 # (unit stride along K in the forward, along N in the input gradient, which reads it untransposed).
-_BF16, _I64, _I32 = "*bf16", "*i64", "*i32"
+_BF16, _I64 = "*bf16", "*i64"
 _S2S_SIGNATURE = dict(
-    X=_BF16, W=_BF16, Y=_BF16, GATES=_BF16, IN_INDEX=_I64, OUT_INDEX=_I64, BLOCK_EXPERT=_I32, BLOCK_START=_I32,
-    EXPERT_ENDS=_I64, K="i32", N="i32", stride_xm="i32", stride_we="i32", stride_ym="i32",
+    X=_BF16, W=_BF16, Y=_BF16, GATES=_BF16, IN_INDEX=_I64, OUT_INDEX=_I64, EXPERT_ENDS=_I64, num_experts="i32",
+    K="i32", N="i32", stride_xm="i32", stride_we="i32", stride_ym="i32",
 )  # fmt: skip
 _FIXED = dict(UPCAST=False, INPUT_PRECISION="ieee")
+_S2S_FIXED = dict(_FIXED, EXPERTS_POW2=64)  # e.g. Qwen3-MoE's 128 or DeepSeek-V3's 256 only widen the lookup
 AOT_CASES = [
     case
     for arch in ("sm90", "sm80")
@@ -188,19 +188,19 @@ AOT_CASES = [
         aot_case(
             f"grouped_mm_forward/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wn": "i32"},
             dict(stride_xk=1, stride_wk=1, stride_yn=1, HAS_IN_INDEX=True, HAS_OUT_INDEX=True, HAS_GATES=True,
-                 SWIGLU=False, **_FIXED),
+                 SWIGLU=False, **_S2S_FIXED),
             FORWARD_CONFIGS[arch], expect_wgmma_sm90=arch == "sm90",
         ),
         aot_case(
             f"grouped_swiglu_forward/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wn": "i32"},
             dict(stride_xk=1, stride_wk=1, stride_yn=1, HAS_IN_INDEX=True, HAS_OUT_INDEX=False, HAS_GATES=False,
-                 SWIGLU=True, **_FIXED),
+                 SWIGLU=True, **_S2S_FIXED),
             SWIGLU_CONFIGS[arch], expect_wgmma_sm90=arch == "sm90",
         ),
         aot_case(
             f"grouped_mm_grad_input/{arch}", _scatter2scatter, {**_S2S_SIGNATURE, "stride_wk": "i32"},
             dict(stride_xk=1, stride_wn=1, stride_yn=1, HAS_IN_INDEX=True, HAS_OUT_INDEX=False, HAS_GATES=False,
-                 SWIGLU=False, **_FIXED),
+                 SWIGLU=False, **_S2S_FIXED),
             FORWARD_CONFIGS[arch], expect_wgmma_sm90=arch == "sm90",
         ),
         aot_case(

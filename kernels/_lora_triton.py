@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ._aot import aot_case
-from ._blocks import block_schedule, input_precision, launch_config, upcast_in_interpreter
+from ._blocks import input_precision, launch_config, locate_block, located_blocks, upcast_in_interpreter
 
 # Decode batches hold one or a few rows per adapter, so rows come in small blocks of 16 (tl.dot's minimum)
 # and a 16-wide rank tile matches the common ranks 8-64; these are memory-bound GEMVs, so Hopper and Ampere
@@ -35,14 +35,26 @@ EXPAND_CONFIGS = {
 
 
 @triton.jit
+def _locate_adapter_block(SEGMENT_ENDS, num_segments, BLOCK_M: tl.constexpr, SEGMENTS_POW2: tl.constexpr):
+    """(adapter, first row, end row) of this program's row block; adapter -1: nothing to do here.
+
+    Rows sorted by adapter form segments: segment 0 holds the base-model rows (adapter -1), segment a + 1
+    adapter a's rows.
+    """
+    segment, first_row, end_row = locate_block(SEGMENT_ENDS, num_segments, tl.program_id(0), BLOCK_M, SEGMENTS_POW2)
+    adapter = tl.where(segment < num_segments, segment - 1, -1)
+    return adapter, first_row, end_row
+
+
+@triton.jit
 def _shrink(
-    X, POOL, TABLE, RANKS, V, ROW_ORDER, BLOCK_ADAPTER, BLOCK_START, ADAPTER_ENDS,
+    X, POOL, TABLE, RANKS, V, ROW_ORDER, SEGMENT_ENDS, num_segments,
     K, SLOT_WIDTH, CHUNKS,
     stride_xm, stride_xk, stride_pool, stride_table, stride_vm, stride_vr,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, SEGMENTS_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    adapter = tl.load(BLOCK_ADAPTER + tl.program_id(0))
+    adapter, first_row, end_row = _locate_adapter_block(SEGMENT_ENDS, num_segments, BLOCK_M, SEGMENTS_POW2)
     if adapter < 0:
         return
     rank = tl.load(RANKS + adapter)
@@ -50,8 +62,8 @@ def _shrink(
     if tl.program_id(1) * BLOCK_R >= rank:  # this rank tile is past the adapter's rank
         return
     j_mask = js < rank
-    pos = tl.load(BLOCK_START + tl.program_id(0)) + tl.arange(0, BLOCK_M)
-    row_mask = pos < tl.load(ADAPTER_ENDS + adapter)
+    pos = first_row + tl.arange(0, BLOCK_M)
+    row_mask = pos < end_row
     rows = tl.load(ROW_ORDER + pos, mask=row_mask, other=0)
     table_row = TABLE + adapter.to(tl.int64) * stride_table + js * CHUNKS
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -72,18 +84,18 @@ def _shrink(
 
 @triton.jit
 def _expand(
-    Y, V, POOL, TABLE, RANKS, SCALES, ROW_ORDER, BLOCK_ADAPTER, BLOCK_START, ADAPTER_ENDS,
+    Y, V, POOL, TABLE, RANKS, SCALES, ROW_ORDER, SEGMENT_ENDS, num_segments,
     N, SLOT_WIDTH, CHUNKS,
     stride_ym, stride_yn, stride_vm, stride_vr, stride_pool, stride_table,
-    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr, SEGMENTS_POW2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    adapter = tl.load(BLOCK_ADAPTER + tl.program_id(0))
+    adapter, first_row, end_row = _locate_adapter_block(SEGMENT_ENDS, num_segments, BLOCK_M, SEGMENTS_POW2)
     if adapter < 0:
         return
     rank = tl.load(RANKS + adapter)
-    pos = tl.load(BLOCK_START + tl.program_id(0)) + tl.arange(0, BLOCK_M)
-    row_mask = pos < tl.load(ADAPTER_ENDS + adapter)
+    pos = first_row + tl.arange(0, BLOCK_M)
+    row_mask = pos < end_row
     rows = tl.load(ROW_ORDER + pos, mask=row_mask, other=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
@@ -106,13 +118,16 @@ def _expand(
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=out_mask)
 
 
-def _schedule(row_adapter: torch.Tensor, num_adapters: int, block_m: int):
-    """Rows sorted by adapter plus a block schedule over the adapters' segments (rows with -1 excluded)."""
+def _segments(row_adapter: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows sorted by adapter, and the ends of the segments: base-model rows (-1) first, then each adapter's."""
     row_order = torch.argsort(row_adapter, stable=True)
-    counts = torch.bincount(row_adapter.long() + 1, minlength=num_adapters + 1)
-    ends = counts.cumsum(0)  # ends[0] closes the base-model (-1) segment
-    block_adapter, block_start = block_schedule(ends[:-1], ends[1:], block_m, row_adapter.shape[0])
-    return row_order, block_adapter, block_start, ends[1:]
+    return row_order, torch.bincount(row_adapter.long() + 1, minlength=num_adapters + 1).cumsum(0)
+
+
+def _segment_launch(row_adapter: torch.Tensor, num_adapters: int, block_m: int) -> tuple[int, dict]:
+    """Row-axis programs and the segment constexpr of a launch (see :func:`kernels._blocks.locate_block`)."""
+    segments = num_adapters + 1
+    return located_blocks(row_adapter.shape[0], segments, block_m), dict(SEGMENTS_POW2=triton.next_power_of_2(segments))
 
 
 def shrink(x, pool, a_table, ranks, row_adapter) -> torch.Tensor:
@@ -122,13 +137,14 @@ def shrink(x, pool, a_table, ranks, row_adapter) -> torch.Tensor:
     if a_table.shape[0] == 0 or x.shape[0] == 0:
         return v
     cfg = dict(launch_config(SHRINK_CONFIGS, x.device))
-    row_order, block_adapter, block_start, ends = _schedule(row_adapter, a_table.shape[0], cfg["BLOCK_M"])
-    grid = (block_adapter.shape[0], triton.cdiv(v.shape[1], cfg["BLOCK_R"]))
+    row_order, ends = _segments(row_adapter, a_table.shape[0])
+    row_blocks, segment_constexprs = _segment_launch(row_adapter, a_table.shape[0], cfg["BLOCK_M"])
+    grid = (row_blocks, triton.cdiv(v.shape[1], cfg["BLOCK_R"]))
     _shrink[grid](
-        x, pool, a_table, ranks, v, row_order, block_adapter, block_start, ends,
+        x, pool, a_table, ranks, v, row_order, ends, ends.shape[0],
         x.shape[1], pool.shape[1], chunks,
         x.stride(0), x.stride(1), pool.stride(0), a_table.stride(0), v.stride(0), v.stride(1),
-        UPCAST=upcast_in_interpreter(x.dtype), INPUT_PRECISION=input_precision(x.dtype), **cfg,
+        UPCAST=upcast_in_interpreter(x.dtype), INPUT_PRECISION=input_precision(x.dtype), **segment_constexprs, **cfg,
     )  # fmt: skip
     return v
 
@@ -138,21 +154,22 @@ def expand(y, v, pool, b_table, ranks, scales, row_adapter) -> torch.Tensor:
     if b_table.shape[0] == 0 or y.shape[0] == 0:
         return y
     cfg = dict(launch_config(EXPAND_CONFIGS, y.device))
-    row_order, block_adapter, block_start, ends = _schedule(row_adapter, b_table.shape[0], cfg["BLOCK_M"])
-    grid = (block_adapter.shape[0], triton.cdiv(y.shape[1], cfg["BLOCK_N"]))
+    row_order, ends = _segments(row_adapter, b_table.shape[0])
+    row_blocks, segment_constexprs = _segment_launch(row_adapter, b_table.shape[0], cfg["BLOCK_M"])
+    grid = (row_blocks, triton.cdiv(y.shape[1], cfg["BLOCK_N"]))
     _expand[grid](
-        y, v, pool, b_table, ranks, scales, row_order, block_adapter, block_start, ends,
+        y, v, pool, b_table, ranks, scales, row_order, ends, ends.shape[0],
         y.shape[1], pool.shape[1], math.ceil(y.shape[1] / pool.shape[1]),
         y.stride(0), y.stride(1), v.stride(0), v.stride(1), pool.stride(0), b_table.stride(0),
-        UPCAST=upcast_in_interpreter(y.dtype), INPUT_PRECISION=input_precision(y.dtype), **cfg,
+        UPCAST=upcast_in_interpreter(y.dtype), INPUT_PRECISION=input_precision(y.dtype), **segment_constexprs, **cfg,
     )  # fmt: skip
     return y
 
 
 # What the serving engine launches, in bf16: contiguous rows, v and pool, int64 page tables.
-_BF16, _I64, _I32 = "*bf16", "*i64", "*i32"
-_SCHEDULE_SIGNATURE = dict(ROW_ORDER=_I64, BLOCK_ADAPTER=_I32, BLOCK_START=_I32, ADAPTER_ENDS=_I64)
-_FIXED = dict(UPCAST=False, INPUT_PRECISION="ieee")
+_BF16, _I64 = "*bf16", "*i64"
+_SCHEDULE_SIGNATURE = dict(ROW_ORDER=_I64, SEGMENT_ENDS=_I64, num_segments="i32")
+_FIXED = dict(UPCAST=False, INPUT_PRECISION="ieee", SEGMENTS_POW2=128)  # up to 127 adapters in the pool
 AOT_CASES = [
     aot_case(
         "lora_shrink/gpu", _shrink,

@@ -101,6 +101,20 @@ def test_triton_matches_reference(tokens, layout, dtype, device):
         torch.testing.assert_close(a, b, **TOL[dtype])
 
 
+def test_triton_finds_each_segment_among_many_adapters(device):
+    # 150 adapters, most without rows in the batch: each program scans every adapter's segment end.
+    ranks = [1 + i % 8 for i in range(150)]
+    paged = make_paged_adapters(ranks, torch.float32, device)[:5]
+    x, y, _ = make_batch(90, "mixed", torch.float32, device)
+    row_adapter = torch.randint(-1, 150, (90,), generator=torch.Generator().manual_seed(3)).to(device)
+    with use_backend("torch"):
+        expected = apply_lora(x, y, row_adapter, *paged)
+    with use_backend("triton"):
+        got = apply_lora(x, y, row_adapter, *paged)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_table_padding_does_not_change_the_result(backend, device):
     x, y, row_adapter = make_batch(7, "mixed", torch.float32, device)
