@@ -115,6 +115,20 @@ def test_triton_finds_each_segment_among_many_adapters(device):
         torch.testing.assert_close(a, b, **TOL[torch.float32])
 
 
+def test_triton_sees_row_adapter_changed_in_place(device):
+    # The kernels reuse the segments of the last row_adapter tensor; an in-place change must be seen.
+    paged = make_paged_adapters(RANKS, torch.float32, device)[:5]
+    x, y, row_adapter = make_batch(40, "mixed", torch.float32, device)
+    with use_backend("triton"):
+        apply_lora(x, y, row_adapter, *paged)
+        row_adapter.copy_(row_adapter.roll(1))
+        got = apply_lora(x, y, row_adapter, *paged)
+    with use_backend("torch"):
+        expected = apply_lora(x, y, row_adapter, *paged)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_table_padding_does_not_change_the_result(backend, device):
     x, y, row_adapter = make_batch(7, "mixed", torch.float32, device)
