@@ -1,6 +1,7 @@
 """Kernels: GPU resource use and roofline per declared config, plus CPU timings of the torch references.
 
-No GPU was lent to this project, so NO GPU TIMING EXISTS. What this script reports instead:
+GPU timings are ``benchmarks/kernel_gpu.py`` (``--gpu`` here runs it; results from an H200 in RESULTS.md).
+On a machine without a GPU this script reports:
 
 1. Per Triton kernel and declared config, compiled ahead of time for sm_80 and sm_90a (``kernels._aot``):
    registers, spills, shared memory, wgmma; and for a representative problem the FLOPs and bytes of one
