@@ -93,10 +93,13 @@ def _group_xty(
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    expert = tl.program_id(0)
+    # The expert is the slow grid axis, so an expert's tiles are launched together and its rows of X and dY
+    # (37 MB at Mixtral-8x7B's w1 with 8K tokens) can stay in L2 while every tile re-reads them. Measured on
+    # an H200, fwd+bwd there went only from 8.29 to 8.04 ms: the dW kernel's gap to cuBLAS lies elsewhere.
+    expert = tl.program_id(1)
     tiles_n = tl.cdiv(N, BLOCK_N)
-    ks = (tl.program_id(1) // tiles_n) * BLOCK_K + tl.arange(0, BLOCK_K)
-    cols = (tl.program_id(1) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = (tl.program_id(0) // tiles_n) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = (tl.program_id(0) % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     k_mask, col_mask = ks < K, cols < N
     start = tl.load(EXPERT_ENDS + expert - 1, mask=expert > 0, other=0)
     end = tl.load(EXPERT_ENDS + expert)
@@ -156,7 +159,7 @@ def weight_grad(x, dy, offsets, x_index=None, dy_index=None, gates=None, transpo
     num_experts, k, n = offsets.shape[0], x.shape[1], dy.shape[1]
     dw = x.new_empty(num_experts, n, k).transpose(1, 2) if transposed else x.new_empty(num_experts, k, n)
     cfg = dict(launch_config(WEIGHT_GRAD_CONFIGS, x.device))
-    grid = (num_experts, triton.cdiv(k, cfg["BLOCK_K"]) * triton.cdiv(n, cfg["BLOCK_N"]))
+    grid = (triton.cdiv(k, cfg["BLOCK_K"]) * triton.cdiv(n, cfg["BLOCK_N"]), num_experts)
     _group_xty[grid](
         x, dy, dw,
         x if gates is None else gates,
