@@ -4,11 +4,17 @@ Layout of a checkpoint directory (safetensors):
     replicated.safetensors                  every parameter/buffer that is not an expert shard (rank 0)
     experts-00000-of-00002.safetensors      the expert rows of EP rank 0 (global ids in the metadata)
     moeplug.json                            format version and the number of experts per parameter
+    optimizer-00000-of-00002.pt             with `optimizer=`: the optimizer state of EP rank 0 (torch.save)
 
 Writes are atomic: all ranks write into `<dir>.partial`, then rank 0 swaps it in for `<dir>` (the
 old one is moved to `<dir>.previous` and removed only after the swap). A crash at any point leaves
 the last complete checkpoint in `<dir>` or, between the two renames, in `<dir>.previous`;
 `load_checkpoint` falls back to it.
+
+Optimizer state is saved per EP rank (the state of its expert shards and of the replicated parameters;
+data-parallel replicas of one EP rank hold the same state when trained with
+`moeplug.dispatch.allreduce_gradients`, so one of them writes it). It can be resumed with the same
+`ep_size` and any number of data-parallel replicas; the model weights alone load at any `ep_size`.
 """
 
 from __future__ import annotations
@@ -81,27 +87,55 @@ def _contiguous_experts(model: torch.nn.Module) -> dict:
     return experts
 
 
-def save_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
+def _ep_rank_size(experts: dict) -> tuple[int, int]:
+    """(EP rank, ep_size) of this rank; (0, 1) for a model without expert shards."""
+    if not experts:
+        return 0, 1
+    ep = next(iter(experts.values()))[1]
+    return ep.ep_rank, ep.ep_size
+
+
+def _optimizer_file(ep_rank: int, ep_size: int) -> str:
+    return f"optimizer-{ep_rank:05d}-of-{ep_size:05d}.pt"
+
+
+def _check_optimizer(optimizer) -> None:
+    """Only a torch optimizer's state is the same on data-parallel replicas (one of them writes it)."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or Accelerate's wrapper of one), got "
+                        f"{type(optimizer).__name__}; a DeepSpeed ZeRO optimizer partitions its state over ranks, "
+                        "which these checkpoints do not store")
+
+
+def save_checkpoint(model: torch.nn.Module, directory: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Save `model` with each expert shard written once (by the first expert-data-parallel replica).
 
+    With `optimizer` (a torch optimizer over this rank's parameters, e.g. `FP8AdamW` or `AdamW`), its
+    state is saved too, once per EP rank, for `load_checkpoint(..., optimizer=)` to resume training.
     Collective: every rank must call it.
     """
     directory = Path(directory)
+    _check_optimizer(optimizer)
     rank, _ = _rank_world()
     experts = _contiguous_experts(model)
+    ep_rank, ep_size = _ep_rank_size(experts)
     partial = _prepare_partial(directory)
     state = model.state_dict()
     if rank == 0:
         save_file(_unshared({k: v for k, v in state.items() if k not in experts}), str(partial / "replicated.safetensors"))
         totals = {name: ep.num_experts for name, (_, ep) in experts.items()}
-        (partial / "moeplug.json").write_text(json.dumps({"format": FORMAT_VERSION, "num_experts": totals}))
-    if experts:
-        ep = next(iter(experts.values()))[1]
-        if rank < ep.ep_size:  # EP group 0 holds every expert exactly once
-            start = ep.local_experts.start
+        meta = {"format": FORMAT_VERSION, "num_experts": totals}
+        if optimizer is not None:
+            meta["optimizer_ep_size"] = ep_size
+        (partial / "moeplug.json").write_text(json.dumps(meta))
+    if rank < ep_size:  # EP group 0 holds every expert exactly once
+        if experts:
+            start = next(iter(experts.values()))[1].local_experts.start
             save_file(_unshared({name: state[name] for name in experts}),
-                      str(partial / f"experts-{ep.ep_rank:05d}-of-{ep.ep_size:05d}.safetensors"),
+                      str(partial / f"experts-{ep_rank:05d}-of-{ep_size:05d}.safetensors"),
                       metadata={"first_expert": str(start)})
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), partial / _optimizer_file(ep_rank, ep_size))
     _barrier()
     if rank == 0:
         _publish(partial, directory)
@@ -134,11 +168,15 @@ def _expert_rows(directory: Path, name: str, first: int, stop: int) -> torch.Ten
     return tensor
 
 
-def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
+def load_checkpoint(model: torch.nn.Module, directory: str | Path, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Load a `save_checkpoint` directory into `model`, whatever its (or the saved) `ep_size`.
 
-    Each rank reads only the expert rows it holds. Raises on missing or unexpected weights.
+    Each rank reads only the expert rows it holds. Raises on missing or unexpected weights. With
+    `optimizer` (built over the loaded model's parameters, as when the checkpoint was saved), its state
+    is restored too; that needs the saved `ep_size` (any number of data-parallel replicas) and raises
+    ValueError naming both sizes otherwise, or when the checkpoint holds no optimizer state.
     """
+    _check_optimizer(optimizer)
     directory = _resolve(Path(directory))
     meta = json.loads((directory / "moeplug.json").read_text())
     if meta.get("format") != FORMAT_VERSION:
@@ -157,10 +195,25 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
     for name, (_, ep) in local.items():
         if name not in meta["num_experts"] and name in state:  # saved without expert parallelism
             state[name] = state[name][ep.local_experts.start: ep.local_experts.stop]
+    if optimizer is not None:  # checked before the model changes, so a refused load leaves it as it was
+        optimizer_state = _optimizer_state(directory, meta, *_ep_rank_size(local))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
         raise ValueError(f"checkpoint {directory} does not match the model: missing {missing}, unexpected {unexpected}")
+    if optimizer is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+
+def _optimizer_state(directory: Path, meta: dict, ep_rank: int, ep_size: int) -> dict:
+    """This EP rank's saved optimizer state, after checking that the layouts agree."""
+    saved = meta.get("optimizer_ep_size")
+    if saved is None:
+        raise ValueError(f"checkpoint {directory} holds no optimizer state (saved without optimizer=)")
+    if saved != ep_size:
+        raise ValueError(f"checkpoint {directory} holds optimizer state for ep_size={saved}, this model has "
+                         f"ep_size={ep_size}: resume with ep_size={saved}, or load the weights alone (optimizer=None)")
+    return torch.load(directory / _optimizer_file(ep_rank, ep_size), map_location="cpu", weights_only=True)
 
 
 def _gather_experts(param: torch.Tensor, ep) -> torch.Tensor:

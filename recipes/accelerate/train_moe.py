@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     accelerator.print({k: round(v, 4) for k, v in controller.metrics().items() if k.count("/") == 1})
     if args.output:
         unwrapped = accelerator.unwrap_model(model)
-        save_checkpoint(unwrapped, f"{args.output}/moeplug")
+        save_checkpoint(unwrapped, f"{args.output}/moeplug", optimizer)  # with the optimizer state, to resume
         export_pretrained(unwrapped, f"{args.output}/hf")
         if accelerator.is_main_process:
             summary = {"step_losses": step_losses, "metrics": controller.metrics(), "ranks": accelerator.num_processes}
