@@ -139,10 +139,11 @@ def _segments(row_adapter: torch.Tensor, num_adapters: int) -> tuple[torch.Tenso
     return row_order, ends
 
 
-def _segment_launch(row_adapter: torch.Tensor, num_adapters: int, block_m: int) -> tuple[int, dict]:
-    """Row-axis programs and the segment constexpr of a launch (see :func:`kernels._blocks.locate_block`)."""
-    segments = num_adapters + 1
-    return located_blocks(row_adapter.shape[0], segments, block_m), dict(SEGMENTS_POW2=triton.next_power_of_2(segments))
+def _segment_launch(row_adapter: torch.Tensor, num_adapters: int, block_m: int):
+    """What both kernels launch with: ``(row_order, ends, row-axis programs, SEGMENTS_POW2)``."""
+    row_order, ends = _segments(row_adapter, num_adapters)
+    programs = located_blocks(row_adapter.shape[0], ends.shape[0], block_m)
+    return row_order, ends, programs, triton.next_power_of_2(ends.shape[0])
 
 
 def shrink(x, pool, a_table, ranks, row_adapter) -> torch.Tensor:
@@ -152,14 +153,13 @@ def shrink(x, pool, a_table, ranks, row_adapter) -> torch.Tensor:
     if a_table.shape[0] == 0 or x.shape[0] == 0:
         return v
     cfg = dict(launch_config(SHRINK_CONFIGS, x.device))
-    row_order, ends = _segments(row_adapter, a_table.shape[0])
-    row_blocks, segment_constexprs = _segment_launch(row_adapter, a_table.shape[0], cfg["BLOCK_M"])
+    row_order, ends, row_blocks, segments_pow2 = _segment_launch(row_adapter, a_table.shape[0], cfg["BLOCK_M"])
     grid = (row_blocks, triton.cdiv(v.shape[1], cfg["BLOCK_R"]))
     _shrink[grid](
         x, pool, a_table, ranks, v, row_order, ends, ends.shape[0],
         x.shape[1], pool.shape[1], chunks,
         x.stride(0), x.stride(1), pool.stride(0), a_table.stride(0), v.stride(0), v.stride(1),
-        UPCAST=upcast_in_interpreter(x.dtype), INPUT_PRECISION=input_precision(x.dtype), **segment_constexprs, **cfg,
+        UPCAST=upcast_in_interpreter(x.dtype), INPUT_PRECISION=input_precision(x.dtype), SEGMENTS_POW2=segments_pow2, **cfg,
     )  # fmt: skip
     return v
 
@@ -169,14 +169,13 @@ def expand(y, v, pool, b_table, ranks, scales, row_adapter) -> torch.Tensor:
     if b_table.shape[0] == 0 or y.shape[0] == 0:
         return y
     cfg = dict(launch_config(EXPAND_CONFIGS, y.device))
-    row_order, ends = _segments(row_adapter, b_table.shape[0])
-    row_blocks, segment_constexprs = _segment_launch(row_adapter, b_table.shape[0], cfg["BLOCK_M"])
+    row_order, ends, row_blocks, segments_pow2 = _segment_launch(row_adapter, b_table.shape[0], cfg["BLOCK_M"])
     grid = (row_blocks, triton.cdiv(y.shape[1], cfg["BLOCK_N"]))
     _expand[grid](
         y, v, pool, b_table, ranks, scales, row_order, ends, ends.shape[0],
         y.shape[1], pool.shape[1], math.ceil(y.shape[1] / pool.shape[1]),
         y.stride(0), y.stride(1), v.stride(0), v.stride(1), pool.stride(0), b_table.stride(0),
-        UPCAST=upcast_in_interpreter(y.dtype), INPUT_PRECISION=input_precision(y.dtype), **segment_constexprs, **cfg,
+        UPCAST=upcast_in_interpreter(y.dtype), INPUT_PRECISION=input_precision(y.dtype), SEGMENTS_POW2=segments_pow2, **cfg,
     )  # fmt: skip
     return y
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .dispatch import expert_parallel_parameters
+from .dispatch import ExpertParallel, expert_parallel_parameters
 
 FORMAT_VERSION = 1
 
@@ -87,12 +87,9 @@ def _contiguous_experts(model: torch.nn.Module) -> dict:
     return experts
 
 
-def _ep_rank_size(experts: dict) -> tuple[int, int]:
-    """(EP rank, ep_size) of this rank; (0, 1) for a model without expert shards."""
-    if not experts:
-        return 0, 1
-    ep = next(iter(experts.values()))[1]
-    return ep.ep_rank, ep.ep_size
+def _ep_layout(experts: dict) -> ExpertParallel:
+    """This rank's expert-parallel layout (every sharded module has the same one); EP size 1 without shards."""
+    return next(iter(experts.values()))[1] if experts else ExpertParallel(1, 0, 0)
 
 
 def _optimizer_file(ep_rank: int, ep_size: int) -> str:
@@ -118,7 +115,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, optimizer: to
     _check_optimizer(optimizer)
     rank, _ = _rank_world()
     experts = _contiguous_experts(model)
-    ep_rank, ep_size = _ep_rank_size(experts)
+    ep = _ep_layout(experts)
     partial = _prepare_partial(directory)
     state = model.state_dict()
     if rank == 0:
@@ -126,16 +123,15 @@ def save_checkpoint(model: torch.nn.Module, directory: str | Path, optimizer: to
         totals = {name: ep.num_experts for name, (_, ep) in experts.items()}
         meta = {"format": FORMAT_VERSION, "num_experts": totals}
         if optimizer is not None:
-            meta["optimizer_ep_size"] = ep_size
+            meta["optimizer_ep_size"] = ep.ep_size
         (partial / "moeplug.json").write_text(json.dumps(meta))
-    if rank < ep_size:  # EP group 0 holds every expert exactly once
+    if rank < ep.ep_size:  # EP group 0 holds every expert exactly once
         if experts:
-            start = next(iter(experts.values()))[1].local_experts.start
             save_file(_unshared({name: state[name] for name in experts}),
-                      str(partial / f"experts-{ep_rank:05d}-of-{ep_size:05d}.safetensors"),
-                      metadata={"first_expert": str(start)})
+                      str(partial / f"experts-{ep.ep_rank:05d}-of-{ep.ep_size:05d}.safetensors"),
+                      metadata={"first_expert": str(ep.local_experts.start)})
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), partial / _optimizer_file(ep_rank, ep_size))
+            torch.save(optimizer.state_dict(), partial / _optimizer_file(ep.ep_rank, ep.ep_size))
     _barrier()
     if rank == 0:
         _publish(partial, directory)
@@ -196,7 +192,7 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path, optimizer: to
         if name not in meta["num_experts"] and name in state:  # saved without expert parallelism
             state[name] = state[name][ep.local_experts.start: ep.local_experts.stop]
     if optimizer is not None:  # checked before the model changes, so a refused load leaves it as it was
-        optimizer_state = _optimizer_state(directory, meta, *_ep_rank_size(local))
+        optimizer_state = _optimizer_state(directory, meta, _ep_layout(local))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
     if missing or unexpected:
@@ -205,15 +201,15 @@ def load_checkpoint(model: torch.nn.Module, directory: str | Path, optimizer: to
         optimizer.load_state_dict(optimizer_state)
 
 
-def _optimizer_state(directory: Path, meta: dict, ep_rank: int, ep_size: int) -> dict:
+def _optimizer_state(directory: Path, meta: dict, ep: ExpertParallel) -> dict:
     """This EP rank's saved optimizer state, after checking that the layouts agree."""
     saved = meta.get("optimizer_ep_size")
     if saved is None:
         raise ValueError(f"checkpoint {directory} holds no optimizer state (saved without optimizer=)")
-    if saved != ep_size:
+    if saved != ep.ep_size:
         raise ValueError(f"checkpoint {directory} holds optimizer state for ep_size={saved}, this model has "
-                         f"ep_size={ep_size}: resume with ep_size={saved}, or load the weights alone (optimizer=None)")
-    return torch.load(directory / _optimizer_file(ep_rank, ep_size), map_location="cpu", weights_only=True)
+                         f"ep_size={ep.ep_size}: resume with ep_size={saved}, or load the weights alone (optimizer=None)")
+    return torch.load(directory / _optimizer_file(ep.ep_rank, ep.ep_size), map_location="cpu", weights_only=True)
 
 
 def _gather_experts(param: torch.Tensor, ep) -> torch.Tensor:
