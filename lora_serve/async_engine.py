@@ -4,6 +4,9 @@ A daemon thread runs ``engine.step()`` while there is work and sleeps otherwise;
 are handed to the waiting coroutines through ``loop.call_soon_threadsafe``. Closing or cancelling a
 stream (a client disconnecting) aborts its request, which frees its pool pages at the next step.
 
+If a step raises, the thread logs the traceback, fails every open stream with ``EngineDeadError``,
+calls ``on_failure`` (a server uses it to shut down, so a supervisor restarts the process) and stops.
+
 The thread owns the engine's stepping: do not call ``engine.step()`` or ``engine.generate()`` yourself
 while an ``AsyncEngine`` wraps it, or outputs meant for the streams are consumed there.
 """
@@ -11,25 +14,31 @@ while an ``AsyncEngine`` wraps it, or outputs meant for the streams are consumed
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 from .engine import AdapterInfo, Engine
 from .request import RequestOutput
 from .sampling import SamplingParams
 
+logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The step loop failed; the original exception is the ``__cause__``."""
 
 
 class AsyncEngine:
-    """Runs ``engine`` in a background thread; ``stream()`` yields each request's outputs as they come."""
+    """Runs ``engine`` in a background thread; ``stream()`` yields each request's outputs as they come.
 
-    def __init__(self, engine: Engine):
+    ``on_failure(error)`` is called from the engine thread if the step loop dies.
+    """
+
+    def __init__(self, engine: Engine, on_failure: Callable[[BaseException], None] | None = None):
         self.engine = engine
+        self._on_failure = on_failure
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._closed = False
@@ -126,9 +135,12 @@ class AsyncEngine:
             try:
                 outputs = self.engine.step()
             except BaseException as err:  # a bug in a step: fail every stream loudly, not hang them
+                logger.exception("the engine step loop failed; every request now fails")
                 self._error = err
                 for request_id in list(self._streams):
                     self._deliver(request_id, err)
+                if self._on_failure is not None:
+                    self._on_failure(err)
                 return
             for output in outputs:
                 self._deliver(output.request_id, output)

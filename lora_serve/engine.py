@@ -8,11 +8,17 @@ the per-request outputs. ``generate()`` drives steps until its requests finish; 
 
 Thread safety: ``submit`` and ``abort`` only queue work and may be called from any thread while another
 thread runs ``step``; adapter management and ``step`` serialise on one lock.
+
+Failures: an exception while sampling or detokenizing one request ends that request alone, with finish
+reason ``error`` (its pages are freed, the traceback is logged), and the step goes on for the others.
+An exception anywhere else in a step (the model's forward, scheduling) propagates from ``step()``: it
+is not one request's fault, and the engine's state is no longer known to be sound.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -34,6 +40,7 @@ from .residency import AdapterResidency
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import Scheduler
 
+logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class AdapterInfo:
@@ -340,7 +347,13 @@ class Engine:
         tokens = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])
         outputs = []
         for request, token in zip(sampled, tokens):
-            outputs.append(request.append(token))
+            try:
+                if isinstance(token, Exception):
+                    raise token
+                outputs.append(request.append(token))
+            except Exception as err:  # this request alone ends; the batch and the engine go on
+                logger.exception("request %s failed and was removed from the batch", request.request_id)
+                outputs.append(request.fail(err))
             if request.finished:
                 self._end(request)
         return outputs

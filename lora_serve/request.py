@@ -13,11 +13,13 @@ from .sampling import SamplingParams
 
 
 class FinishReason(str, enum.Enum):
-    """Why a request ended (OpenAI's names; ``abort`` for cancelled requests)."""
+    """Why a request ended (OpenAI's names; ``abort`` for cancelled requests, ``error`` for a request the
+    engine failed to serve: ``error`` on its output says why)."""
 
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+    ERROR = "error"
 
 
 @dataclass
@@ -29,6 +31,7 @@ class RequestOutput:
     text: str
     finished: bool
     finish_reason: FinishReason | None = None
+    error: str | None = None  # with finish reason ``error``: what went wrong
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Completion:
     finish_reason: FinishReason
     first_token_latency: float  # seconds from submission to the first token
     latency: float  # seconds from submission to the end
+    error: str | None = None  # with finish reason ``error``: what went wrong
 
 
 @dataclass(eq=False)
@@ -61,6 +65,7 @@ class Request:
     pages: torch.Tensor | None = None  # [max_kv_tokens, slots_per_token] once admitted
     num_paged: int = 0  # rows of ``pages`` that hold allocated slots
     finish_reason: FinishReason | None = None
+    error: str | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_time: float | None = None
 
@@ -97,6 +102,12 @@ class Request:
         self.finish_reason = FinishReason.ABORT
         return RequestOutput(self.request_id, [], "", True, FinishReason.ABORT)
 
+    def fail(self, error: Exception) -> RequestOutput:
+        """Mark the request failed by ``error``; returns its final output (no new tokens)."""
+        self.finish_reason = FinishReason.ERROR
+        self.error = f"{type(error).__name__}: {error}"
+        return RequestOutput(self.request_id, [], "", True, FinishReason.ERROR, self.error)
+
     def completion(self) -> Completion:
         """The finished request as a ``Completion``."""
         now = time.perf_counter()
@@ -109,4 +120,5 @@ class Request:
             finish_reason=self.finish_reason,
             first_token_latency=(self.first_token_time or now) - self.arrival,
             latency=now - self.arrival,
+            error=self.error,
         )

@@ -6,13 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**63 - 1)  # torch generators take int64 seeds
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick a request's tokens and when to stop (OpenAI / vLLM meanings).
 
-    ``temperature=0`` is greedy. ``top_k=0`` and ``top_p=1`` disable those filters. ``seed`` makes a
-    sampled request reproducible whatever else shares its batch. Generation stops after ``max_tokens``
+    ``temperature`` below ``MIN_TEMPERATURE`` (1e-5, as in vLLM) is greedy: dividing logits by a smaller
+    number only sharpens the distribution onto the argmax while risking overflow. ``top_k=0`` and
+    ``top_p=1`` disable those filters; top-p always keeps the most likely token. ``seed`` (an int64)
+    makes a sampled request reproducible whatever else shares its batch. Generation stops after ``max_tokens``
     tokens, at a token in ``stop_token_ids`` or the model's end-of-sequence ids (unless ``ignore_eos``),
     or when the text contains one of ``stop`` (the text is cut before it).
     """
@@ -37,17 +42,21 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
+        ):
+            raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
+            raise ValueError("stop must hold non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            raise ValueError("stop_token_ids must be non-negative integers")
 
     @property
     def greedy(self) -> bool:
-        """Whether tokens are chosen by argmax."""
-        return self.temperature == 0
+        """Whether tokens are chosen by argmax (``temperature < MIN_TEMPERATURE``)."""
+        return self.temperature < MIN_TEMPERATURE
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -70,21 +79,33 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     if top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the first is always kept.
+        # Drop a token when the tokens ranked above it already reach top_p. The first is always kept
+        # explicitly: a top_p below float32's smallest number (1e-300) rounds to 0 in the comparison.
         drop = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """Pick one token per row of ``logits [B, V]`` using each row's parameters and generator."""
+) -> list[int | Exception]:
+    """Pick one token per row of ``logits [B, V]`` using each row's parameters and generator.
+
+    A row whose sampling fails (e.g. the model produced NaN logits for it) gets the exception in place
+    of a token, so one request's failure never costs the others theirs.
+    """
     logits = logits.float()
-    tokens = logits.argmax(-1).tolist()
+    tokens: list[int | Exception] = logits.argmax(-1).tolist()
     for row, (p, generator) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        filtered = _filter(logits[row] / p.temperature, p.top_k, p.top_p)
-        tokens[row] = int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
+        try:
+            # Subtracting the row's maximum first keeps every finite logit <= 0 after the division, so no
+            # temperature the API accepts can overflow it; the top token always keeps probability > 0.
+            scaled = (logits[row] - logits[row].max()) / p.temperature
+            filtered = _filter(scaled, p.top_k, p.top_p)
+            tokens[row] = int(torch.multinomial(filtered.softmax(-1), 1, generator=generator))
+        except Exception as err:  # e.g. torch's RuntimeError for NaN probabilities
+            tokens[row] = err
     return tokens

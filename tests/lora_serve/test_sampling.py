@@ -97,3 +97,59 @@ def test_stop_strings_are_cut_and_never_streamed():
     assert detok.update(ids)  # "...ok END" -> stop
     streamed.append(detok.delta(finished=True))
     assert "".join(streamed) == detok.text == "hello EN world\n ok "
+
+
+@pytest.mark.parametrize(
+    "extreme",
+    [dict(temperature=1e-39), dict(temperature=5e-324), dict(temperature=2e-5), dict(top_p=1e-300),
+     dict(temperature=1e-38, top_p=1e-300, top_k=1)],
+)
+def test_extreme_sampling_values_are_defined_and_the_engine_keeps_serving(engine, extreme):
+    # Issue 16: temperature 1e-39 overflowed logits / temperature and top_p 1e-300 dropped every token, so
+    # torch.multinomial raised inside the step and every later request failed too.
+    greedy = engine.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].token_ids
+    params = SamplingParams(max_tokens=6, ignore_eos=True, seed=1, **extreme)
+    out = engine.generate([PROMPT], params)[0]
+    assert out.finish_reason == FinishReason.LENGTH, out.error
+    # A temperature this close to 0, or a nucleus of one token, is the argmax: the scaled-up random model's
+    # logit margins are far above what a temperature of 2e-5 could blur.
+    assert out.token_ids == greedy
+    assert engine.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].token_ids == greedy
+    assert engine.stats().pool.kv == 0
+
+
+def test_top_p_keeps_the_top_token_even_below_float32_resolution():
+    logits = torch.tensor([1.0, 3.0, 2.0])
+    assert torch.isfinite(_filter(logits, 0, 1e-300)).tolist() == [False, True, False]
+
+
+def test_seeds_outside_int64_are_refused():
+    SamplingParams(seed=2**63 - 1)
+    SamplingParams(seed=-(2**63))
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-9223372036854775808, 9223372036854775807\]"):
+        SamplingParams(seed=2**64)
+
+
+def test_a_request_failing_in_sampling_ends_alone_and_frees_its_pages(engine, monkeypatch):
+    # NaN logits for one row (as an fp16 overflow would give) make torch.multinomial raise: that request
+    # ends with finish reason "error"; its greedy neighbour in the same batch finishes normally.
+    import lora_serve.sampling as sampling
+
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = engine.generate([PROMPT], greedy)[0].token_ids
+    real_sample = sampling.sample
+
+    def poisoned(logits, params, generators):
+        logits = logits.clone()
+        for row, p in enumerate(params):
+            if not p.greedy:
+                logits[row] = float("nan")
+        return real_sample(logits, params, generators)
+
+    monkeypatch.setattr("lora_serve.engine.sample", poisoned)
+    failed, fine = engine.generate([[9, 9, 9], PROMPT], [SamplingParams(max_tokens=6, temperature=0.7), greedy])
+    assert failed.finish_reason == FinishReason.ERROR and "RuntimeError" in failed.error, failed
+    assert fine.finish_reason == FinishReason.LENGTH and fine.token_ids == expected
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.pool.kv) == (0, 0, 0)
+    assert not engine.has_unfinished()
