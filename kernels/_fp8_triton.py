@@ -38,7 +38,7 @@ __all__ = [
 # patterns encoded and decoded here with integer ops, because (a) Ampere (sm_80) has no E4M3 type in
 # Triton and (b) the interpreter's fp32->fp8 cast drops the rounding carry (measured: 31.5 -> 16 in
 # E4M3). The encoder rounds to nearest-even like torch's cast, so codes match the torch reference bit
-# for bit wherever the fp32 inputs to the cast match. Divisions use tl.math.div_rn: Triton compiles fp32
+# for bit wherever the fp32 inputs to the cast match (the reference divides by tensors only, see fp8.py). Divisions use tl.math.div_rn: Triton compiles fp32
 # `/` to an approximate PTX division (div.full / div.approx, ~2 ulp), torch's is IEEE (round to nearest).
 # ---------------------------------------------------------------------------------------------------
 
@@ -124,7 +124,8 @@ def _quantize_expanded_kernel(x_ptr, codes_ptr, amax_ptr, k16_ptr, numel, LOG2_R
     log_mag = tl.log2(tl.maximum(mag, TINY))
     log_max = tl.max(log_mag, axis=1)
     log_min = tl.min(tl.where(nonzero, log_mag, float("inf")), axis=1)
-    k16 = tl.clamp(tl.floor(tl.math.div_rn(LOG2_RANGE, log_max - log_min) * 16.0), 1.0, 255.0)
+    # (1 / ratio) · range · 16, the torch reference's (and the C++ step's) order of roundings.
+    k16 = tl.clamp(tl.floor(tl.math.div_rn(1.0, log_max - log_min) * LOG2_RANGE * 16.0), 1.0, 255.0)
     k = k16 * 0.0625  # exact (a power of two), where `/` would be an approximate division
     offset = LOG2_E4M3_MAX - k * log_max
     q = tl.where(nonzero, tl.exp2(offset[:, None] + log_mag * k[:, None]), 0.0)

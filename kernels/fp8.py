@@ -18,9 +18,19 @@ have the input's shape and no padding is ever stored. Two formats:
 
 Each op exists as ``<op>_torch`` (plain torch, any device, here) and ``<op>_triton`` (Triton kernel, in
 :mod:`kernels._fp8_triton`) with the same signature; ``<op>`` dispatches through :mod:`kernels.backend`.
-Group sizes must be powers of two (a Triton block dimension). The plain ops match bit for bit across
-backends; the expanded ones use fp32 ``log2``/``exp2``, whose last bit differs between libraries, so a
-code may differ by one step.
+Group sizes must be powers of two (a Triton block dimension).
+
+What matches across backends and devices (tested in tests/fp8/test_fp8_kernels.py):
+
+* plain ops: bit for bit — scales are the IEEE fp32 quotient ``absmax / fp8_max`` and codes the
+  round-to-nearest-even E4M3/E5M2 value of the IEEE quotient ``x / scale`` (subnormal codes and signed
+  zeros included), on CPU, CUDA and in Triton. Every division here is tensor by tensor: torch on CUDA
+  computes ``tensor / python_float`` as ``tensor * (1 / float)`` (one rounding more), which moved ~1e-3 of
+  the codes of bf16 inputs one step at near-ties (the H200 run's ``codes identical: False``, reproduced on
+  CPU by scaling with ``fl(1/448)``).
+* expanded ops: ``amax`` and ``k16`` bit for bit; codes within one step (fp32 ``log2``/``exp2`` differ in
+  the last bit between libraries, and GPUs may fuse the multiply-adds; measured on an H200: 2.5e-6 of the
+  codes one step off); dequantised values within a few fp32 ulps.
 """
 
 import math
@@ -129,8 +139,11 @@ def _ungroup(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def _expansion_k16(log2_ratio: torch.Tensor) -> torch.Tensor:
     """COAT's per-group exponent times 16 from ``log2(max/min)``, as uint8 (a zero ratio — one distinct
-    magnitude — gets the cap; all-zero groups, with ratio -inf, the harmless minimum)."""
-    k16 = torch.floor(_EXPANSION_LOG2_RANGE / log2_ratio * _K_STEPS)
+    magnitude — gets the cap; all-zero groups, with ratio -inf, the harmless minimum).
+
+    Written as ``(1 / ratio) · range · 16`` on purpose: that is what torch computes for ``float / tensor``
+    on every device, and what the Triton kernel and the fused C++ step compute too."""
+    k16 = torch.floor(log2_ratio.reciprocal() * _EXPANSION_LOG2_RANGE * _K_STEPS)
     return k16.clamp_(_K16_MIN, _K16_MAX).to(torch.uint8)
 
 
@@ -146,7 +159,9 @@ def quantize_fp8_torch(
     fp8_max = _check_fp8(fp8_dtype)
     groups = _as_groups(x, group_size)
     amax = groups.abs().amax(dim=1)
-    scales = torch.where(amax > 0, amax / fp8_max, 1.0)
+    # A tensor divisor, never a Python float: torch on CUDA turns `tensor / float` into a multiplication by
+    # the rounded reciprocal, which differs from the IEEE quotient (and from CPU and Triton) by one ulp.
+    scales = torch.where(amax > 0, amax / torch.full_like(amax, fp8_max), 1.0)
     codes = (groups / scales[:, None]).clamp_(-fp8_max, fp8_max)
     return _ungroup(codes, x).to(fp8_dtype), scales
 

@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from kernels import fp8
+from tests.fp8.fp8_inputs import crafted_plain_inputs
 
 E4M3 = torch.float8_e4m3fn
 
@@ -160,3 +162,66 @@ def test_triton_kernels_match_references(device):
                           env=env, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[2])
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plain format's real guarantee: IEEE quotients, round-to-nearest-even codes, on every device.
+# ---------------------------------------------------------------------------------------------------
+
+_LAYOUT = {E4M3: (3, 7), torch.float8_e5m2: (2, 15)}  # mantissa bits, exponent bias
+
+
+def _rne_fp8_bits(values: np.ndarray, fp8_dtype: torch.dtype) -> np.ndarray:
+    """Oracle: E4M3/E5M2 bit patterns of finite fp64 values within the format's range, rounded to nearest
+    even, from frexp and np.rint (half to even) alone; no torch cast involved."""
+    mant_bits, bias = _LAYOUT[fp8_dtype]
+    mag = np.abs(values)
+    _, exp2 = np.frexp(mag)  # mag = f·2^exp2 with f in [0.5, 1)
+    exponent = np.maximum(exp2 - 1, 1 - bias)  # below the normal range: the subnormal step 2^(1-bias-m)
+    steps = np.rint(mag / np.exp2(exponent - mant_bits)).astype(np.int64)  # exact: a power-of-two scale
+    carry = steps == 2 << mant_bits  # rounded up to the next binade
+    exponent, steps = exponent + carry, np.where(carry, 1 << mant_bits, steps)
+    normal = steps >= 1 << mant_bits
+    biased = np.where(normal, exponent + bias, 0)
+    code = (biased << mant_bits) | (steps - np.where(normal, 1 << mant_bits, 0))
+    return (code | np.where(np.signbit(values), 0x80, 0)).astype(np.uint8)
+
+
+def _ieee_div32(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """fp32 a / b correctly rounded: the fp64 quotient of two fp32 values rounds to the same fp32 as the
+    exact one (53 >= 2·24 + 2 bits, so double rounding is innocuous)."""
+    return (a.astype(np.float64) / b.astype(np.float64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fp8_dtype", [E4M3, torch.float8_e5m2])
+def test_plain_reference_is_the_ieee_round_to_nearest_even_result(dtype, fp8_dtype):
+    x = crafted_plain_inputs(dtype)
+    codes, scales = fp8.quantize_fp8_torch(x, 128, fp8_dtype)
+    groups = x.float().view(-1, 128).numpy()
+    amax = np.abs(groups).max(axis=1)
+    fp8_max = np.full_like(amax, fp8.FP8_MAX[fp8_dtype])
+    want_scales = np.where(amax > 0, _ieee_div32(amax, fp8_max), np.float32(1.0))
+    assert np.array_equal(scales.numpy(), want_scales)
+    quotient = np.clip(_ieee_div32(groups, want_scales[:, None]), -fp8_max[0], fp8_max[0])
+    want = _rne_fp8_bits(quotient.astype(np.float64), fp8_dtype).reshape(-1)
+    assert np.array_equal(codes.view(torch.uint8).numpy(), want)
+    # The inputs exercise what broke on CUDA: scales from a multiplication by the rounded reciprocal (what
+    # torch on CUDA computes for `tensor / float`) move codes at near-ties.
+    reciprocal_scales = (amax * np.float32(1.0 / fp8.FP8_MAX[fp8_dtype])).astype(np.float32)
+    reciprocal_scales = np.where(amax > 0, reciprocal_scales, np.float32(1.0))
+    moved = _rne_fp8_bits(np.clip(_ieee_div32(groups, reciprocal_scales[:, None]), -fp8_max[0], fp8_max[0])
+                          .astype(np.float64), fp8_dtype).reshape(-1) != want
+    assert moved.sum() > 0
+
+
+def test_plain_reference_is_device_independent(device):
+    """Runs on CUDA with MOEPLUG_TEST_DEVICE=cuda: the torch reference on the device, the torch reference
+    on the CPU and the Triton kernel (compiled there; the interpreter covers it on CPU in
+    triton_interpreter_cases.py) give the same scales and codes, on inputs where a reciprocal-scaled
+    reference would not (test above)."""
+    x = crafted_plain_inputs(torch.bfloat16)
+    cpu_codes, cpu_scales = fp8.quantize_fp8_torch(x, 128)
+    dev_codes, dev_scales = (t.cpu() for t in fp8.quantize_fp8_torch(x.to(device), 128))
+    assert torch.equal(dev_scales, cpu_scales)
+    assert torch.equal(dev_codes.view(torch.uint8), cpu_codes.view(torch.uint8))

@@ -17,6 +17,7 @@ import torch
 from kernels import _fp8_triton as fp8_triton
 from kernels import fp8
 from kernels.backend import interpreter_enabled, use_backend
+from tests.fp8.fp8_inputs import crafted_plain_inputs
 
 assert interpreter_enabled() or torch.cuda.is_available(), "run through test_fp8_kernels.py (needs TRITON_INTERPRET=1)"
 
@@ -56,6 +57,18 @@ def test_plain_matches_reference_bit_for_bit(numel, group_size, fp8_dtype, dtype
             # 35.75 in bf16) where torch and GPUs round to even: one ulp of the output dtype.
             eps = torch.finfo(out_dtype).eps
             torch.testing.assert_close(got.float(), expected.float(), rtol=eps, atol=0.0)
+
+
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_matches_reference_at_ties_subnormals_and_max(dtype, fp8_dtype, device):
+    """65,536 values with exact ties, subnormals, values at the max and bf16 groups whose codes sit next to
+    ties: where a reference scaled by the rounded reciprocal moves codes (test_fp8_kernels.py)."""
+    x = crafted_plain_inputs(dtype)
+    ref_codes, ref_scales = fp8.quantize_fp8_torch(x, 128, fp8_dtype)
+    codes, scales = (t.cpu() for t in fp8_triton.quantize_fp8_triton(x.to(device), 128, fp8_dtype))
+    assert torch.equal(scales, ref_scales)
+    assert torch.equal(_bits(codes), _bits(ref_codes))
 
 
 @pytest.mark.parametrize("numel", SIZES)
