@@ -15,7 +15,8 @@ class EngineConfig:
     (``pool_mb``). ``max_batch_tokens`` bounds the tokens one step processes (decodes count one each,
     long prompts are split into chunks); ``max_batch_size`` bounds the running requests;
     ``max_resident_adapters`` bounds how many adapters sit in the pool at once (it sizes the LoRA page
-    tables). ``dtype`` / ``device`` default to the given model's, or float32 on CPU for a path.
+    tables). ``adapter_host_mb`` caps the host memory of all registered adapters' weights (adapters with
+    identical files are stored once; None: no cap). ``dtype`` / ``device`` default to the given model's, or float32 on CPU for a path.
     """
 
     pool_slots: int | None = None
@@ -23,6 +24,7 @@ class EngineConfig:
     max_batch_tokens: int = 1024
     max_batch_size: int = 64
     max_resident_adapters: int = 64
+    adapter_host_mb: float | None = 8192.0
     dtype: torch.dtype | None = None
     device: str | torch.device | None = None
 
@@ -35,6 +37,8 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.adapter_host_mb is not None and not self.adapter_host_mb > 0:
+            raise ValueError(f"adapter_host_mb must be positive or None, got {self.adapter_host_mb!r}")
         if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
             raise ValueError(f"dtype must be a floating torch.dtype or None, got {self.dtype!r}")
 

@@ -64,6 +64,7 @@ class EngineStats:
     pool: PoolStats
     adapters_registered: int
     adapters_resident: int
+    adapter_host_bytes: int  # host memory of the registered adapters' weights
     adapter_loads: int  # copies into the pool since start
     adapter_evictions: int
 
@@ -103,7 +104,8 @@ class Engine:
             for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and m is not output_layer
         }
-        self.store = AdapterStore(linears, dtype)
+        host_mb = config.adapter_host_mb
+        self.store = AdapterStore(linears, dtype, None if host_mb is None else int(host_mb * 2**20))
         self._context = LoRAContext()
         self._layers: dict[str, BatchedLoRALinear] = {}
         self.residency = AdapterResidency(self.pool, self._layers, config.max_resident_adapters)
@@ -127,7 +129,8 @@ class Engine:
     def add_adapter(self, name: str, path: str | Path) -> AdapterInfo:
         """Register the PEFT LoRA adapter in directory ``path`` as ``name`` (validated against the base model).
 
-        Raises ``AdapterError`` (a ``ValueError``) for a bad adapter; registered adapters are unaffected.
+        Raises ``AdapterError`` (a ``ValueError``) for a bad adapter, a taken name, or one that would exceed
+        ``adapter_host_mb``; registered adapters are unaffected. Identical files share one copy in memory.
         """
         adapter = self.store.load(name, path)  # file IO and validation outside the lock
         with self._lock:
@@ -198,6 +201,7 @@ class Engine:
                 pool=self.pool.stats(),
                 adapters_registered=len(self.store.names()),
                 adapters_resident=len(self.residency.resident_names()),
+                adapter_host_bytes=self.store.host_bytes,
                 adapter_loads=self.residency.loads,
                 adapter_evictions=self.residency.evictions,
             )

@@ -44,6 +44,10 @@ class _EngineCollector:
         adapters.add_metric(["registered"], stats.adapters_registered)
         adapters.add_metric(["resident"], stats.adapters_resident)
         yield adapters
+        yield GaugeMetricFamily(
+            "lora_serve_adapter_host_bytes", "Host memory of the registered adapters' weights (shared copies once).",
+            value=stats.adapter_host_bytes,
+        )
         yield CounterMetricFamily(
             "lora_serve_adapter_loads", "Adapter copies into the pool since start.", value=stats.adapter_loads
         )
