@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-moe test bench clean
+.PHONY: install demo demo-moe test conformance bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,14 @@ demo-moe: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# transformers' own model tests (ModelTesterMixin, ConfigTester) on a tiny model of each supported MoE family,
+# unpatched (eager experts) and moeplug-patched; lists every test that passes unpatched and fails patched.
+# Not part of `make test` (~20 min single-threaded). Fetches transformers' sdist once into .cache/transformers-tests/
+# (network needed the first time only); writes benchmarks/results/conformance.{json,md}.
+# CONFORMANCE_ARGS: e.g. --families mixtral, -k "sdpa", --baseline <earlier conformance.json>.
+conformance: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m tests.conformance $(CONFORMANCE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
