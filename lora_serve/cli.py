@@ -10,12 +10,14 @@ import argparse
 import importlib.util
 import logging
 import os
+import sys
 from pathlib import Path
 
 import torch
 import uvicorn
 import yaml
 
+from .adapter_store import AdapterError
 from .config import EngineConfig
 from .engine import Engine
 from .server import ServerConfig, create_app
@@ -60,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--adapter", dest="adapters", action="append", type=_adapter_arg, default=[],
                        metavar="NAME=PATH", help="serve the PEFT adapter directory PATH as NAME (repeatable)")
     model.add_argument("--adapter-root", type=Path, metavar="DIR",
-                       help="serve every PEFT adapter directory below DIR, named by its relative path; "
-                            "run-time loads must lie under DIR and are refused when it is not set")
+                       help="serve every PEFT adapter directory below DIR, named by its relative path (one that "
+                            "fails to load is logged and skipped); run-time loads must lie under DIR and are "
+                            "refused when it is not set")
+    model.add_argument("--strict-adapters", action="store_true",
+                       help="refuse to start when an adapter under --adapter-root fails to load")
     model.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="default: %(default)s")
     model.add_argument("--device", help="torch device, e.g. cuda:0 (default: cpu)")
     engine = p.add_argument_group("engine")
@@ -72,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tokens per engine step; longer prompts are chunked (default: %(default)s)")
     engine.add_argument("--max-batch-size", type=int, default=EngineConfig.max_batch_size,
                         help="running requests; more wait in the queue (default: %(default)s)")
+    engine.add_argument("--adapter-host-mb", type=float, default=EngineConfig.adapter_host_mb,
+                        help="host memory for all registered adapters in MiB; identical adapter files are "
+                             "stored once (default: %(default)s)")
     engine.add_argument("--max-resident-adapters", type=int, default=EngineConfig.max_resident_adapters,
                         help="adapters in the pool at once, evicted LRU (default: %(default)s)")
     server = p.add_argument_group("server")
@@ -84,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--unload-timeout", type=float, default=ServerConfig.unload_timeout,
                         help="seconds an unload waits for the adapter's requests before aborting them "
                              "(default: %(default)s)")
+    server.add_argument("--max-body-mb", type=float, default=ServerConfig.max_body_bytes / 2**20,
+                        help="largest request body in MiB; larger ones get a 413 (default: %(default)s)")
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds a shutdown waits for in-flight requests before aborting them "
                              "(default: %(default)s)")
@@ -120,20 +130,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
-    """Load the model and register every adapter given by ``--adapter`` and ``--adapter-root``."""
+    """Load the model and register every adapter given by ``--adapter`` and ``--adapter-root``.
+
+    An adapter named by ``--adapter`` must load; one found under ``--adapter-root`` that fails is logged
+    and skipped, unless ``--strict-adapters``.
+    """
     config = EngineConfig(
         pool_slots=args.pool_slots, pool_mb=args.pool_mb, max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size, max_resident_adapters=args.max_resident_adapters,
-        dtype=_DTYPES[args.dtype], device=args.device,
+        adapter_host_mb=args.adapter_host_mb, dtype=_DTYPES[args.dtype], device=args.device,
     )
-    adapters = dict(find_adapters(args.adapter_root)) if args.adapter_root else {}
+    found = dict(find_adapters(args.adapter_root)) if args.adapter_root else {}
+    named = {}
     for name, path in args.adapters:
-        if name in adapters:
-            raise SystemExit(f"adapter {name!r} is given twice ({adapters[name]} and {path})")
-        adapters[name] = path
+        if name in found or name in named:
+            raise SystemExit(f"adapter {name!r} is given twice ({found.get(name) or named[name]} and {path})")
+        named[name] = path
     engine = Engine(args.model, config=config)
-    for name, path in adapters.items():
-        engine.add_adapter(name, path)
+    for name, path in {**found, **named}.items():
+        try:
+            engine.add_adapter(name, path)
+        except AdapterError as err:
+            if name in named or args.strict_adapters:
+                raise SystemExit(f"cannot serve adapter {name!r} from {path}: {err}") from None
+            logger.warning("skipping adapter %r under --adapter-root (%s): %s", name, path, err)
     return engine
 
 
@@ -156,17 +176,31 @@ def log_startup(engine: Engine, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``lora-serve``."""
+    """Entry point of ``lora-serve``; exits with status 1 if the engine's step loop died."""
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     name = args.served_model_name or Path(args.model).stem
     engine = build_engine(args)
     log_startup(engine, name)
-    server = ServerConfig(
+    server_config = ServerConfig(
         model_name=name, model_path=str(args.model), adapter_root=args.adapter_root, api_key=args.api_key,
         default_max_tokens=args.default_max_tokens, unload_timeout=args.unload_timeout,
+        max_body_bytes=int(args.max_body_mb * 2**20),
     )
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
-    uvicorn.run(create_app(engine, server), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+    failures: list[BaseException] = []
+
+    def shut_down(error: BaseException) -> None:
+        # A dead step loop cannot be revived: stop serving and exit non-zero so a supervisor restarts us.
+        failures.append(error)
+        server.should_exit = True
+
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(engine, server_config, on_engine_failure=shut_down), host=args.host, port=args.port,
+        log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout,
+    ))
+    server.run()
+    if failures:
+        logger.error("exiting: the engine step loop failed (%r)", failures[0])
+        sys.exit(1)

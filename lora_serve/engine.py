@@ -35,7 +35,7 @@ from .lora_layers import BatchedLoRALinear, LoRAContext, wrap_linear
 from .model_loading import load_base_model
 from .paged_attention import ATTENTION_NAME, BATCH_KWARG, AttentionBatch, ScheduledSequence
 from .pool import PagePool, PoolStats
-from .request import Completion, Request, RequestOutput
+from .request import Completion, Request, RequestOutput, RequestTooLargeError
 from .residency import AdapterResidency
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import Scheduler
@@ -216,8 +216,9 @@ class Engine:
     ) -> str:
         """Queue a request (text, or token ids) for ``adapter`` (None = base model); return its id.
 
-        Raises ``KeyError`` for an unknown adapter and ``ValueError`` for a prompt that is empty, holds
-        token ids outside the vocabulary, is too long for the model, or is too large for the pool.
+        Raises ``KeyError`` for an unknown adapter and ``ValueError`` for a prompt that is empty or holds
+        token ids outside the vocabulary; ``RequestTooLargeError`` (a ``ValueError``) when prompt +
+        ``max_tokens`` exceed the model's context or could never fit in the pool.
         """
         return self._new_request(prompt, params or SamplingParams(), adapter, request_id).request_id
 
@@ -238,7 +239,7 @@ class Engine:
             raise KeyError(f"unknown adapter {adapter!r}; registered: {self.store.names()[:20]}")
         total = len(prompt_ids) + params.max_tokens
         if self.max_context is not None and total > self.max_context:
-            raise ValueError(
+            raise RequestTooLargeError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds the "
                 f"model's context length {self.max_context}"
             )

@@ -12,6 +12,10 @@ from .detokenizer import Detokenizer
 from .sampling import SamplingParams
 
 
+class RequestTooLargeError(ValueError):
+    """A request that can never run here: prompt + max_tokens exceed the model's context or the pool."""
+
+
 class FinishReason(str, enum.Enum):
     """Why a request ended (OpenAI's names; ``abort`` for cancelled requests, ``error`` for a request the
     engine failed to serve: ``error`` on its output says why)."""

@@ -20,7 +20,7 @@ import torch
 from .adapter_store import AdapterStore
 from .kv_layout import KVLayout
 from .pool import PagePool, SlotOwner
-from .request import Request
+from .request import Request, RequestTooLargeError
 from .residency import AdapterResidency
 
 
@@ -51,11 +51,11 @@ class Scheduler:
         return request.max_kv_tokens * self.layout.slots_per_token
 
     def check_fits(self, request: Request) -> None:
-        """Raise ``ValueError`` if ``request`` could never run, even alone in an empty pool."""
+        """Raise ``RequestTooLargeError`` if ``request`` could never run, even alone in an empty pool."""
         adapter_slots = self.residency.slots_needed(self.store.get(request.adapter)) if request.adapter else 0
         needed = self.kv_slots(request) + adapter_slots
         if needed > self.pool.num_slots:
-            raise ValueError(
+            raise RequestTooLargeError(
                 f"request needs {needed} pool slots ({request.max_kv_tokens} KV tokens x "
                 f"{self.layout.slots_per_token} slots + {adapter_slots} for adapter {request.adapter!r}) but the "
                 f"pool has {self.pool.num_slots}; shorten the prompt or max_tokens, or enlarge the pool"

@@ -24,9 +24,11 @@ def find_adapters(root: str | Path) -> dict[str, Path]:
 
 
 def resolve_under_root(root: Path | None, path: str) -> Path:
-    """``path`` (absolute, or relative to ``root``) as a resolved path inside ``root``; else a 403.
+    """``path`` (absolute, or relative to ``root``) as a resolved adapter directory inside ``root``.
 
-    Resolving follows symlinks and ``..`` first, so neither can lead a client outside the root.
+    Resolving follows symlinks and ``..`` first, so neither can lead a client outside the root. Errors
+    never name the root or echo the path: 403 when loading is disabled or the path leads outside the
+    root, 400 for a path the OS cannot use, 404 when no PEFT adapter is there.
     """
     if root is None:
         raise APIError(
@@ -34,12 +36,17 @@ def resolve_under_root(root: Path | None, path: str) -> Path:
             param="lora_path", code="adapter_loading_disabled",
         )
     root = root.resolve()
-    resolved = (root / path).resolve()
+    try:
+        resolved = (root / path).resolve()
+        found = (resolved / _PEFT_CONFIG).is_file()
+    except (OSError, ValueError) as err:  # too long, a NUL byte, a symlink loop, ...
+        reason = getattr(err, "strerror", None) or "not a usable path"
+        raise APIError(400, f"lora_path cannot be used: {reason}", param="lora_path", code="invalid_path") from None
     if not resolved.is_relative_to(root):
-        raise APIError(
-            403, f"lora_path {path!r} is outside the adapter root {str(root)!r}", param="lora_path",
-            code="path_not_allowed",
-        )
+        raise APIError(403, "lora_path lies outside the adapter root", param="lora_path", code="path_not_allowed")
+    if not found:
+        raise APIError(404, f"no PEFT adapter ({_PEFT_CONFIG}) at lora_path under the adapter root",
+                       param="lora_path", code="adapter_not_found")
     return resolved
 
 

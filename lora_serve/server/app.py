@@ -4,6 +4,10 @@ metrics, around one ``Engine``.
 ``create_app(engine, config)`` returns the app; its lifespan starts the engine's step thread
 (``AsyncEngine``) and stops it on shutdown, after uvicorn has let in-flight requests finish (or
 cancelled them, which aborts them in the engine).
+
+What a request may cost is bounded before it reaches a handler: the API key is checked before the body
+is read, bodies over ``max_body_bytes`` get a 413 (by their Content-Length, or as a streamed body passes
+the limit), and tokenizing runs in a worker thread.
 """
 
 from __future__ import annotations
@@ -11,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import APIRouter, FastAPI, Request, Security
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..adapter_store import AdapterError
 from ..async_engine import AsyncEngine
@@ -25,16 +31,21 @@ from ..engine import AdapterInfo, Engine
 from .adapters import resolve_under_root
 from .config import ServerConfig
 from .errors import APIError, install_error_handlers
+from .openapi import ModelLimits, errors, generation_responses, install_openapi
 from .protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
     CompletionRequest,
+    CompletionResponse,
     LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     UnloadedAdapter,
     UnloadLoRAAdapterRequest,
 )
-from .serving import OpenAIServing
+from .serving import OpenAIServing, prompt_char_limit
 
 _bearer = HTTPBearer(auto_error=False)
 _ABORT_GRACE_S = 5.0  # how long an unload waits for the streams it aborted to end
@@ -45,17 +56,27 @@ def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
-def _check_api_key(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
-) -> None:
-    """401 unless the request carries ``Authorization: Bearer <api_key>`` (when the server has a key)."""
-    expected = _serving(request).config.api_key
-    if expected is None:
-        return
-    # compare_digest: the time taken must not reveal how much of a guessed key was right.
-    if credentials is None or not secrets.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise APIError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
-                       code="invalid_api_key")
+class _APIKeyGuard:
+    """ASGI middleware: a 401 for ``/v1/*`` unless ``Authorization: Bearer <api_key>``, before the body is read.
+
+    (FastAPI reads and parses a body before it runs a route's dependencies, so a dependency would let an
+    unauthenticated client make the server read and parse megabytes.)
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str, on_error: Callable[[int], None]):
+        self.app, self._expected, self._on_error = app, api_key.encode(), on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
+            # compare_digest: the time taken must not reveal how much of a guessed key was right.
+            if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self._expected):
+                self._on_error(401)
+                error = APIError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _answer(
@@ -79,22 +100,23 @@ async def _answer(
     return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-api = APIRouter(prefix="/v1", dependencies=[Depends(_check_api_key)])
+api = APIRouter(prefix="/v1")
 
 
-@api.post("/completions")
+@api.post("/completions", response_model=None, responses=generation_responses(CompletionResponse, CompletionChunk))
 async def create_completion(body: CompletionRequest, request: Request):
     """OpenAI ``POST /v1/completions``; ``model`` picks an adapter or the base model."""
     return await _answer(request, _serving(request).complete(body))
 
 
-@api.post("/chat/completions")
+@api.post("/chat/completions", response_model=None,
+          responses=generation_responses(ChatCompletionResponse, ChatCompletionChunk))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     """OpenAI ``POST /v1/chat/completions``, prompted through the tokenizer's chat template."""
     return await _answer(request, _serving(request).chat(body))
 
 
-@api.get("/models")
+@api.get("/models", responses=errors(401))
 async def list_models(request: Request) -> ModelList:
     """The base model followed by every registered adapter."""
     serving = _serving(request)
@@ -104,21 +126,22 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=[base] + [_adapter_card(serving, a, request.app.state.created) for a in adapters])
 
 
-@api.post("/load_lora_adapter")
+@api.post("/load_lora_adapter", responses=errors(400, 401, 403, 404, 409, 413))
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> ModelCard:
     """Register the PEFT adapter at ``lora_path`` (under the adapter root) as ``lora_name``."""
     serving = _serving(request)
+    name = body.lora_name
+    if name == serving.config.model_name or name in serving.engine.engine.store:
+        raise APIError(409, f"a model named {name!r} is already served", param="lora_name", code="model_exists")
     path = resolve_under_root(serving.config.adapter_root, body.lora_path)
-    if body.lora_name == serving.config.model_name:
-        raise APIError(400, f"lora_name {body.lora_name!r} is the base model's name", param="lora_name")
     try:
-        info = await serving.engine.add_adapter(body.lora_name, path)
+        info = await serving.engine.add_adapter(name, path)
     except AdapterError as err:
-        raise APIError(400, str(err), param="lora_path") from err
+        raise APIError(400, str(err), param="lora_path", code="invalid_adapter") from err
     return _adapter_card(serving, info, int(time.time()))
 
 
-@api.post("/unload_lora_adapter")
+@api.post("/unload_lora_adapter", responses=errors(400, 401, 404, 409, 413))
 async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) -> UnloadedAdapter:
     """Unregister an adapter: refuse new requests for it, wait for its running ones, abort the rest."""
     serving = _serving(request)
@@ -142,12 +165,18 @@ def _adapter_card(serving: OpenAIServing, info: AdapterInfo, created: int) -> Mo
     return ModelCard(id=info.name, created=created, root=info.path, parent=serving.config.model_name)
 
 
-def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
-    """The server for ``engine``; the app owns it from startup (its step thread) to shutdown."""
+def create_app(
+    engine: Engine, config: ServerConfig, on_engine_failure: Callable[[BaseException], None] | None = None
+) -> FastAPI:
+    """The server for ``engine``; the app owns it from startup (its step thread) to shutdown.
+
+    ``on_engine_failure(error)`` is called (from the engine thread) if the step loop dies; the CLI uses it
+    to shut the server down and exit non-zero. Until then every request, and ``/health``, answer 503.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async_engine = AsyncEngine(engine)
+        async_engine = AsyncEngine(engine, on_failure=on_engine_failure)
         app.state.serving = OpenAIServing(async_engine, config)
         app.state.created = int(time.time())
         try:
@@ -155,23 +184,39 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
         finally:
             async_engine.close()
 
-    app = FastAPI(title="lora_serve", summary="OpenAI-compatible multi-LoRA server", lifespan=lifespan)
-    install_error_handlers(app, lambda status: app.state.serving.metrics.count_error(status))
-    app.include_router(api)
+    app = FastAPI(title="lora_serve", summary="OpenAI-compatible multi-LoRA server", lifespan=lifespan,
+                  max_body_size=config.max_body_bytes)
 
-    @app.get("/health")
+    def count_error(status: int) -> None:
+        serving = getattr(app.state, "serving", None)
+        if serving is not None:
+            serving.metrics.count_error(status)
+
+    install_error_handlers(app, count_error)
+    if config.api_key is None:
+        app.include_router(api)
+    else:
+        app.add_middleware(_APIKeyGuard, api_key=config.api_key, on_error=count_error)
+        app.include_router(api, dependencies=[Security(_bearer)])  # documents the scheme; the guard checks it
+    install_openapi(app, ModelLimits(engine.max_context, engine.model.get_input_embeddings().num_embeddings,
+                                     prompt_char_limit(engine.tokenizer, engine.max_context)))
+
+    @app.get("/health", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},
+                                   **errors(503)})
     async def health() -> JSONResponse:
-        """200, or 503 once a request has found the engine's step loop dead (it then fails every request)."""
-        failure = app.state.serving.engine_failure
+        """200, or 503 once the engine's step loop has died (the server then fails every request)."""
+        failure = app.state.serving.engine.error
         if failure is not None:
-            return APIError(503, f"the engine failed: {failure.__cause__!r}", type="server_error").response()
+            return APIError(503, f"the engine failed: {type(failure).__name__}", type="server_error",
+                            code="engine_failed").response()
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text exposition format 0.0.4"}})
     async def metrics() -> Response:
         """Prometheus text format (unauthenticated, like /health, for scrapers)."""
         body = await asyncio.to_thread(app.state.serving.metrics.render)
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
-

@@ -7,45 +7,94 @@ generation endpoints; ``lora_name`` / ``lora_path`` on the adapter endpoints.
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from ..sampling import SamplingParams
+from ..adapter_store import MAX_NAME_LENGTH
+from ..sampling import SEED_RANGE, SamplingParams
 
-# Options of the OpenAI API this server does not implement, with the value that means "off". A request
-# that sets one to anything else is rejected rather than silently answered without it.
-_UNSUPPORTED_OPTIONS: dict[str, Any] = {
-    "n": 1,
-    "best_of": 1,
-    "echo": False,
-    "suffix": None,
-    "logprobs": None,
-    "top_logprobs": None,
-    "logit_bias": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "tools": None,
+# Strict parsing: a JSON value is accepted only as the type the schema gives it (no "true" for true, no
+# false for 0, no 1.0 for an integer), so what the schema refuses the server refuses and vice versa.
+_STRICT = ConfigDict(strict=True)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Options of the OpenAI / vLLM APIs this server does not implement: name -> (the JSON Schema of the values
+# that mean "off", the same test in Python). Any other value is refused with a 400, never silently ignored.
+REFUSED_OPTIONS: dict[str, tuple[dict, Callable[[Any], bool]]] = {
+    "n": ({"const": 1}, lambda v: _is_number(v) and v == 1),
+    "best_of": ({"const": 1}, lambda v: _is_number(v) and v == 1),
+    "echo": ({"const": False}, lambda v: v is False),
+    "suffix": ({"const": ""}, lambda v: v == ""),
+    "logprobs": ({"const": False}, lambda v: v is False),
+    "top_logprobs": ({"const": 0}, lambda v: _is_number(v) and v == 0),
+    "logit_bias": ({"type": "object", "maxProperties": 0}, lambda v: v == {}),
+    "presence_penalty": ({"const": 0}, lambda v: _is_number(v) and v == 0),
+    "frequency_penalty": ({"const": 0}, lambda v: _is_number(v) and v == 0),
+    "repetition_penalty": ({"const": 1}, lambda v: _is_number(v) and v == 1),
+    "tools": ({"type": "array", "maxItems": 0}, lambda v: v == []),
+    "tool_choice": ({"const": "none"}, lambda v: v == "none"),
+    "functions": ({"type": "array", "maxItems": 0}, lambda v: v == []),
+    "function_call": ({"const": "none"}, lambda v: v == "none"),
+    "response_format": (
+        {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"], "additionalProperties": False},
+        lambda v: v == {"type": "text"},
+    ),
 }
+
+
+def _off_value(off: dict) -> str:
+    """The "off" value of a refused option as JSON, for error messages and the schema's description."""
+    if "const" in off:
+        return json.dumps(off["const"])
+    return '{"type": "text"}' if "properties" in off else {"array": "[]", "object": "{}"}[off["type"]]
+
+
+def _refused_field(off: dict) -> tuple[Any, Any]:
+    return Any, Field(
+        None, description=f"Not supported by this server: omit it, or send null or {_off_value(off)}.",
+        json_schema_extra={"anyOf": [off, {"type": "null"}]},
+    )
+
+
+_RefusedOptions = create_model(
+    "_RefusedOptions", __config__=ConfigDict(strict=True, extra="allow"),
+    **{name: _refused_field(off) for name, (off, _) in REFUSED_OPTIONS.items()},
+)
+
+ModelName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
+TokenId = Annotated[int, Field(ge=0)]
+StopString = Annotated[str, Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
     """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
 
+    model_config = _STRICT
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel, extra="allow"):
-    """Fields shared by ``/v1/completions`` and ``/v1/chat/completions``."""
+class _GenerationRequest(_RefusedOptions):
+    """Fields shared by ``/v1/completions`` and ``/v1/chat/completions``.
 
-    model: str
-    temperature: float = Field(1.0, ge=0, le=2)
+    Unknown fields are ignored (as OpenAI does); the known options this server does not implement are
+    refused unless they say "off" (``REFUSED_OPTIONS``).
+    """
+
+    model: ModelName
+    temperature: float = Field(1.0, ge=0, le=2, description="0 (or below 1e-5) is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=-1)  # vLLM's extension; 0 and -1 both disable it
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    stop: StopString | list[StopString] | None = Field(None, max_length=16)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=256)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -53,12 +102,10 @@ class _GenerationRequest(BaseModel, extra="allow"):
 
     @model_validator(mode="after")
     def _reject_unsupported(self):
-        for name, value in (self.model_extra or {}).items():
-            if name in _UNSUPPORTED_OPTIONS and value not in (None, _UNSUPPORTED_OPTIONS[name]):
-                raise ValueError(
-                    f"{name}={value!r} is not supported by this server "
-                    f"(omit it or send {_UNSUPPORTED_OPTIONS[name]!r})"
-                )
+        for name, (off, is_off) in REFUSED_OPTIONS.items():
+            value = getattr(self, name)
+            if value is not None and not is_off(value):
+                raise ValueError(f"{name} is not supported by this server (omit it or send {_off_value(off)})")
         return self
 
     @property
@@ -81,28 +128,49 @@ class _GenerationRequest(BaseModel, extra="allow"):
         )
 
 
-class CompletionRequest(_GenerationRequest):
-    """``POST /v1/completions``: one prompt, as text or token ids."""
-
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default for this endpoint
-
-    @field_validator("prompt")
-    @classmethod
-    def _single_prompt(cls, prompt):
+def _one_prompt(prompt):
+    """The single prompt of ``prompt`` (a string, token ids, or a one-element batch of either), checked
+    cheaply before pydantic's own validation so a huge wrong value fails at its first bad element."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         # The API allows a batch of prompts; this server answers one prompt per request.
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError(f"only one prompt per request is supported, got {len(prompt)}")
-            prompt = prompt[0]
+        if len(prompt) != 1:
+            raise ValueError(f"only one prompt per request is supported, got {len(prompt)}")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt is empty")
         return prompt
+    if not isinstance(prompt, list):
+        raise ValueError("prompt must be a string or a list of token ids")
+    if not prompt:
+        raise ValueError("prompt is empty")
+    for token in prompt:
+        if type(token) is not int or token < 0:  # noqa: E721 (bool is not a token id)
+            raise ValueError("prompt token ids must be non-negative integers")
+    return prompt
+
+
+class CompletionRequest(_GenerationRequest):
+    """``POST /v1/completions``: one prompt, as text or token ids."""
+
+    prompt: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
+    )
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default for this endpoint
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _single_prompt(cls, prompt):
+        return _one_prompt(prompt)
 
 
 class TextPart(BaseModel):
     """A text part of a chat message's content (the only part type this server understands)."""
 
+    model_config = _STRICT
     type: Literal["text"]
     text: str
 
@@ -110,6 +178,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     """One message of a conversation."""
 
+    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
 
@@ -137,8 +206,10 @@ class ChatCompletionRequest(_GenerationRequest):
 class LoadLoRAAdapterRequest(BaseModel):
     """``POST /v1/load_lora_adapter``: register the PEFT adapter in ``lora_path`` as ``lora_name``."""
 
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
+    model_config = _STRICT
+    lora_name: ModelName
+    lora_path: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]+$",
+                           description="a directory under the server's adapter root (absolute or relative to it)")
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
@@ -148,11 +219,27 @@ class UnloadLoRAAdapterRequest(BaseModel):
     them; None uses the server's ``--unload-timeout``.
     """
 
-    lora_name: str = Field(min_length=1)
-    timeout: float | None = Field(None, ge=0)
+    model_config = _STRICT
+    lora_name: ModelName
+    timeout: float | None = Field(None, ge=0, le=3600)
 
 
 # ---------------------------------------------------------------------------------------------- responses
+class ErrorDetail(BaseModel):
+    """What went wrong: ``param`` names the offending request field, ``code`` a machine-readable reason."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
 class Usage(BaseModel):
     """Token counts of one request."""
 

@@ -7,6 +7,7 @@ Completions and chat completions differ only in how the prompt is built and how 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from ..async_engine import AsyncEngine, EngineDeadError
-from ..request import FinishReason, RequestOutput
+from ..request import FinishReason, RequestOutput, RequestTooLargeError
 from ..sampling import SamplingParams
 from .adapters import AdapterUsage
 from .config import ServerConfig
@@ -43,6 +44,10 @@ def _aborted() -> APIError:
         503, "the request was aborted: its adapter was unloaded or the server is shutting down",
         type="server_error", code="request_aborted",
     )
+
+
+def _too_long(message: str) -> APIError:
+    return APIError(400, message, param="prompt", code="context_length_exceeded")
 
 
 @dataclass
@@ -102,6 +107,15 @@ class ChatFormat:
         )
 
 
+def prompt_char_limit(tokenizer, max_context: int | None) -> int | None:
+    """The most characters a text prompt may have: a longer one has more tokens than the context holds
+    whatever it says (no token is longer than the vocabulary's longest entry), so it is refused before
+    tokenizing. None without a tokenizer or a context length."""
+    if tokenizer is None or max_context is None:
+        return None
+    return max_context * max((len(token) for token in tokenizer.get_vocab()), default=1)
+
+
 class OpenAIServing:
     """Answers generation requests with an ``AsyncEngine``; owns the server's metrics and adapter usage."""
 
@@ -110,9 +124,10 @@ class OpenAIServing:
         self.config = config
         self.tokenizer = engine.engine.tokenizer
         self.vocab_size = engine.engine.model.get_input_embeddings().num_embeddings
+        self.max_context = engine.engine.max_context
         self.metrics = ServerMetrics(engine.engine.stats)
         self.usage = AdapterUsage()
-        self.engine_failure: BaseException | None = None  # set once the engine's step loop died
+        self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.max_context)
 
     # -------------------------------------------------------------------------------- requests in
     def resolve_model(self, model: str) -> str | None:
@@ -126,46 +141,61 @@ class OpenAIServing:
             "listed by GET /v1/models", param="model", code="model_not_found",
         )
 
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+    async def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a completion prompt given as text or ids (ids are checked against the vocabulary)."""
         if isinstance(prompt, str):
-            return self._tokenize(prompt, add_special_tokens=True)
+            self._check_chars(len(prompt))
+            return await self._tokenize(prompt, add_special_tokens=True)
+        if self.max_context is not None and len(prompt) >= self.max_context:
+            raise _too_long(f"the prompt has {len(prompt)} tokens; the model's context length is {self.max_context}")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
                            param="prompt")
         return prompt
 
-    def encode_chat(self, request: ChatCompletionRequest) -> list[int]:
+    async def encode_chat(self, request: ChatCompletionRequest) -> list[int]:
         """Token ids of the conversation rendered by the tokenizer's chat template, ready for the reply."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
         messages = [message.as_template_input() for message in request.messages]
+        self._check_chars(sum(len(m["content"]) for m in messages))
         try:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = await asyncio.to_thread(
+                self.tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=False
+            )
         except Exception as err:  # jinja templates reject conversations with raise_exception(...)
             raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from err
         # The template writes the special tokens (BOS, role markers) itself.
-        return self._tokenize(text, add_special_tokens=False)
+        return await self._tokenize(text, add_special_tokens=False)
 
     def chat_max_tokens(self, request: ChatCompletionRequest, prompt_tokens: int) -> int:
         """The requested bound, else the server default cut to what the context has left."""
         if request.requested_max_tokens is not None:
             return request.requested_max_tokens
-        default, context = self.config.default_max_tokens, self.engine.engine.max_context
+        default, context = self.config.default_max_tokens, self.max_context
         # At least 1, so that a prompt filling the context gets the engine's "exceeds the context" error.
         return max(1, min(default, context - prompt_tokens)) if context else default
 
-    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+    def _check_chars(self, chars: int) -> None:
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            raise _too_long(
+                f"the prompt has {chars} characters, more than the {self.max_context} tokens of the model's "
+                f"context could hold (at most {self.max_prompt_chars} characters)"
+            )
+
+    async def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Tokenize in a worker thread: a long text must not stall the event loop (and every other client)."""
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer; send the prompt as token ids", param="prompt")
-        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        encoded = await asyncio.to_thread(self.tokenizer, text, add_special_tokens=add_special_tokens)
+        return encoded["input_ids"]
 
     # -------------------------------------------------------------------------------- answers out
     async def complete(self, request: CompletionRequest):
         """Answer ``/v1/completions`` (a response model, or an event stream when ``stream`` is set)."""
         adapter = self.resolve_model(request.model)
-        prompt_ids = self.encode_prompt(request.prompt)
+        prompt_ids = await self.encode_prompt(request.prompt)
         params = _sampling(request, request.max_tokens)
         fmt = CompletionFormat(f"cmpl-{uuid.uuid4().hex}", request.model)
         return await self._answer(request, adapter, prompt_ids, params, fmt)
@@ -173,7 +203,7 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest):
         """Answer ``/v1/chat/completions``."""
         adapter = self.resolve_model(request.model)
-        prompt_ids = self.encode_chat(request)
+        prompt_ids = await self.encode_chat(request)
         params = _sampling(request, self.chat_max_tokens(request, len(prompt_ids)))
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", request.model)
         return await self._answer(request, adapter, prompt_ids, params, fmt)
@@ -188,8 +218,6 @@ class OpenAIServing:
         text, tokens, finish_reason = [], 0, None
         async with aclosing(outputs):
             async for output in outputs:
-                if output.finish_reason is FinishReason.ABORT:
-                    raise _aborted()
                 text.append(output.text)
                 tokens += len(output.token_ids)
                 finish_reason = output.finish_reason
@@ -202,21 +230,29 @@ class OpenAIServing:
             first = await anext(outputs)
         except KeyError as err:  # the adapter was removed between resolve_model and submit
             raise APIError(404, err.args[0], param="model", code="model_not_found") from err
-        except ValueError as err:  # prompt too long for the context or the pool
+        except RequestTooLargeError as err:  # prompt + max_tokens too long for the context or the pool
+            raise _too_long(str(err)) from err
+        except ValueError as err:
             raise APIError(400, str(err), param="prompt") from err
         return _prepend(first, outputs)
 
     async def _outputs(self, model, adapter, prompt_ids, params, request_id) -> AsyncIterator[RequestOutput]:
+        """The request's outputs through the engine; an aborted or failed request raises its ``APIError``."""
         with self.usage.hold(adapter, request_id):
             stream = self.engine.stream(prompt_ids, params, adapter, request_id)
             tracked = self.metrics.track(model, len(prompt_ids), stream)
             try:
                 async with aclosing(tracked):
                     async for output in tracked:
+                        if output.finish_reason is FinishReason.ABORT:
+                            raise _aborted()
+                        if output.finish_reason is FinishReason.ERROR:
+                            raise APIError(500, f"the engine failed to serve this request ({output.error})",
+                                           type="server_error", code="request_failed")
                         yield output
             except EngineDeadError as err:
-                self.engine_failure = err
-                raise APIError(500, f"the engine failed: {err.__cause__!r}", type="internal_error") from err
+                raise APIError(503, f"the engine has failed ({err.__cause__!r}); the server is shutting down",
+                               type="server_error", code="engine_failed") from err
 
     async def _events(self, outputs, fmt, prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``.
@@ -229,8 +265,6 @@ class OpenAIServing:
         try:
             async with aclosing(outputs):
                 async for output in outputs:
-                    if output.finish_reason is FinishReason.ABORT:
-                        raise _aborted()
                     tokens += len(output.token_ids)
                     finish_reason = output.finish_reason.value if output.finished else None
                     if output.text or finish_reason:

@@ -56,13 +56,28 @@ def _auth(serve) -> dict:
         (b'{"model": "base", "prompt": ', 400, None, "not valid JSON"),
         ({"model": "nope", "prompt": "x"}, 404, "model", "'nope' does not exist"),
         ({"model": "base", "prompt": "x" * 300}, 400, "prompt", "exceeds the model's context length 256"),
+        ({"model": "base", "prompt": "x" * 4000}, 400, "prompt", "4000 characters, more than the 256 tokens"),
+        ({"model": "base", "prompt": [5] * 300}, 400, "prompt", "the prompt has 300 tokens"),
+        ({"model": "base", "prompt": ""}, 400, "prompt", "prompt is empty"),
+        ({"model": "base", "prompt": [[False]]}, 400, "prompt", "token ids must be non-negative integers"),
+        ({"model": "base", "prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids.0", "greater than or equal"),
+        ({"model": "base", "prompt": "x", "seed": 2**70}, 400, "seed", "less than or equal to 9223372036854775807"),
+        ({"model": "base", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos", "valid boolean"),
+        ({"model": "base", "prompt": "x", "max_tokens": 2.0}, 400, "max_tokens", "valid integer"),
+        ({"model": "base", "prompt": "x", "repetition_penalty": 1.2}, 400, None, "repetition_penalty is not supported"),
+        ({"model": "base", "prompt": "x", "response_format": {"type": "json_object"}}, 400, None,
+         'response_format is not supported by this server (omit it or send {"type": "text"})'),
+        ({"model": "base", "prompt": "x", "functions": [{"name": "f"}]}, 400, None, "functions is not supported"),
+        ({"model": "base", "prompt": "x", "tool_choice": "auto"}, 400, None, "tool_choice is not supported"),
+        ({"model": "base", "prompt": "x", "presence_penalty": 0.5}, 400, None, "presence_penalty is not supported"),
+        ({"model": "m" * 300, "prompt": "x"}, 400, "model", "at most 256 characters"),
         ({"model": "base", "prompt": "x", "temperature": -0.5}, 400, "temperature", "greater than or equal to 0"),
         ({"model": "base", "prompt": "x", "top_p": 0}, 400, "top_p", "greater than 0"),
         ({"model": "base", "prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
-        ({"model": "base", "prompt": "x", "n": 3}, 400, None, "n=3 is not supported"),
+        ({"model": "base", "prompt": "x", "n": 3}, 400, None, "n is not supported by this server (omit it or send 1)"),
         ({"model": "base", "prompt": ["a", "b"]}, 400, "prompt", "only one prompt per request"),
         ({"model": "base", "prompt": [5, 9999]}, 400, "prompt", "outside the vocabulary [0, 211)"),
-        ({"model": "base", "prompt": "x", "stop": [""]}, 400, None, "stop must hold non-empty strings"),
+        ({"model": "base", "prompt": "x", "stop": [""]}, 400, "stop.0", "at least 1 character"),
         ({"prompt": "x"}, 400, "model", "Field required"),
     ],
 )
@@ -126,12 +141,14 @@ def test_runtime_load_is_confined_to_the_adapter_root(setup, lora, serve):
             assert refused.status_code == 403 and refused.json()["error"]["code"] == "path_not_allowed", path
         broken = load("broken", "broken")
         assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
-        assert load("base", "ad98").status_code == 400  # would shadow the base model
+        assert str(root) not in broken.json()["error"]["message"]
+        assert load("base", "ad98").status_code == 409  # would shadow the base model
+        assert load("nothing", "no/such/dir").status_code == 404
 
         name = f"ad{NUM_ADAPTERS - 2}"
         loaded = load(name, name)  # relative to the root
         assert loaded.status_code == 200 and loaded.json()["parent"] == "base"
-        assert load(name, name).status_code == 400  # already loaded
+        assert load(name, name).status_code == 409  # already loaded
     assert name in {m.id for m in server.openai().models.list()}
     prompt_ids = tokenizer(PROMPT)["input_ids"]
     expected = tokenizer.decode(lora.peft_generate(base, root / name, prompt_ids, 8), skip_special_tokens=True)
