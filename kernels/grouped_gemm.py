@@ -39,7 +39,9 @@ def grouped_mm(
             slot // k). ``None``: ``x`` is already grouped and S = M.
         scatter_index: ``[S]`` int64 permutation of ``range(S)``: grouped row s is written to output row
             ``scatter_index[s]``. ``None``: output rows stay in grouped order.
-        gates: ``[S]`` per-grouped-row scale applied to that output row (same dtype as ``x``), or ``None``.
+        gates: ``[S]`` per-grouped-row scale applied to that output row, or ``None``; ``x``'s dtype or fp32
+            (routers of fp16/bf16 models return fp32 weights: the scale is applied in fp32 before the output
+            is rounded to ``x``'s dtype, as transformers' experts do).
 
     Returns:
         ``[S, N]`` tensor of ``x``'s dtype, in grouped order, or in scattered order if ``scatter_index``.
@@ -64,11 +66,12 @@ def _validate(x, weight, offsets, gather_index, scatter_index, gates) -> None:
     for name, t, dtypes in (
         ("gather_index", gather_index, (torch.int64,)),
         ("scatter_index", scatter_index, (torch.int64,)),
-        ("gates", gates, (x.dtype,)),
+        ("gates", gates, (x.dtype, torch.float32)),
     ):
         if t is not None and (t.dim() != 1 or t.shape[0] != num_rows or t.dtype not in dtypes):
             raise ValueError(
-                f"{name} must be 1-D [S={num_rows}] of dtype {dtypes[0]}, got shape {tuple(t.shape)} dtype {t.dtype}"
+                f"{name} must be 1-D [S={num_rows}] of dtype {' or '.join(map(str, dtypes))}, "
+                f"got shape {tuple(t.shape)} dtype {t.dtype}"
             )
     # Checking offset values reads them, which would synchronise a GPU stream or break a torch.compile
     # trace (data-dependent): only do it for CPU tensors in eager mode.
@@ -130,7 +133,7 @@ def reference_weight_grad(x, dy, offsets, x_index=None, dy_index=None, gates=Non
     x_g = x if x_index is None else x.index_select(0, x_index)
     dz = dy if dy_index is None else dy.index_select(0, dy_index)
     if gates is not None:
-        dz = dz * gates.unsqueeze(1)
+        dz = (dz * gates.unsqueeze(1)).to(dz.dtype)
     a, b = (dz.t(), x_g) if transposed else (x_g.t(), dz)
     if _grouped_mm_ok(a, b):
         dw = torch._grouped_mm(a, b, offsets.to(torch.int32))
@@ -214,11 +217,11 @@ def gemm_input_grads(x, weight, offsets, gather_index, scatter_index, gates, gra
     grad_x = grad_w = grad_gates = None
     if need_x or need_gates:
         u = _grouped_mm_op(grad_out, weight.transpose(1, 2), offsets, scatter_index, None, None)
-        if need_gates:
+        if need_gates:  # a dot product per row: accumulate low-precision rows in fp32
             x_g = x if gather_index is None else x.index_select(0, gather_index)
-            grad_gates = (u * x_g).sum(1)
+            grad_gates = torch.linalg.vecdot(u.float(), x_g.float()).to(gates.dtype)
         if need_x:
-            dx_g = u if gates is None else u * gates.unsqueeze(1)
+            dx_g = u if gates is None else (u * gates.unsqueeze(1)).to(u.dtype)
             grad_x = dx_g if gather_index is None else torch.zeros_like(x).index_add_(0, gather_index, dx_g)
     if need_w:
         transposed = weight.stride(1) == 1 and weight.stride(2) != 1

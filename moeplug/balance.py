@@ -16,7 +16,7 @@ gradients still flow only through the local probabilities.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 
@@ -101,19 +101,46 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
     return (z * mask).sum() / mask.sum().clamp(min=1)
 
 
-@dataclass
 class RouterStats:
     """What one MoE layer did in its last forward pass, readable after a step.
 
-    tokens_per_expert counts kept assignments (after capacity); dropped counts removed ones.
-    Losses are the unweighted values (before coefficients); None when not computed.
+    The forward only keeps its (detached) routing tensors; every value is computed on first access,
+    so a forward pays no host synchronisation for statistics nobody reads, and compiles.
+    `tokens_per_expert` counts kept assignments (after capacity, a CPU long tensor); `dropped`
+    counts removed ones. Losses are the unweighted values (before coefficients); None when not computed.
     """
 
-    tokens_per_expert: torch.Tensor
-    dropped: int
-    entropy: float
-    lbl: float | None = None
-    z_loss: float | None = None
+    def __init__(self, top_k_index: torch.Tensor, probs: torch.Tensor, dropped: torch.Tensor,
+                 lbl: torch.Tensor | None = None, z_loss: torch.Tensor | None = None):
+        self._index, self._probs, self._dropped = top_k_index.detach(), probs.detach(), dropped.detach()
+        self._lbl = None if lbl is None else lbl.detach()
+        self._z_loss = None if z_loss is None else z_loss.detach()
+
+    @functools.cached_property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """[E] assignments each expert received (capacity-dropped ones excluded)."""
+        return expert_counts(self._index, self._probs.shape[-1]).long().cpu()
+
+    @functools.cached_property
+    def dropped(self) -> int:
+        """Assignments removed by capacity dropping."""
+        return int(self._dropped)
+
+    @functools.cached_property
+    def entropy(self) -> float:
+        """Mean over tokens of the router distribution's entropy (nats)."""
+        probs = self._probs.float()
+        return float(-(probs * probs.clamp(min=1e-20).log()).sum(dim=-1).mean())
+
+    @functools.cached_property
+    def lbl(self) -> float | None:
+        """The layer's load-balancing loss, or None."""
+        return None if self._lbl is None else float(self._lbl)
+
+    @functools.cached_property
+    def z_loss(self) -> float | None:
+        """The layer's router z-loss, or None."""
+        return None if self._z_loss is None else float(self._z_loss)
 
     @property
     def max_over_mean(self) -> float:
@@ -121,15 +148,9 @@ class RouterStats:
         mean = self.tokens_per_expert.float().mean()
         return float(self.tokens_per_expert.max() / mean) if mean > 0 else 0.0
 
-    @classmethod
-    def collect(cls, top_k_index: torch.Tensor, probs: torch.Tensor, dropped: torch.Tensor,
-                lbl: torch.Tensor | None = None, z_loss: torch.Tensor | None = None) -> "RouterStats":
-        """Summarise one routing result (no gradients kept)."""
-        with torch.no_grad():
-            counts = expert_counts(top_k_index, probs.shape[-1]).long().cpu()
-            entropy = -(probs * probs.clamp(min=1e-20).log()).sum(dim=-1).mean()
-            return cls(counts, int(dropped), float(entropy),
-                       None if lbl is None else float(lbl), None if z_loss is None else float(z_loss))
+    def __repr__(self) -> str:
+        return (f"RouterStats(tokens_per_expert={self.tokens_per_expert.tolist()}, dropped={self.dropped}, "
+                f"entropy={self.entropy:.4f}, lbl={self.lbl}, z_loss={self.z_loss})")
 
 
 def track_step(step_counts: StepCounts | None, selected: torch.Tensor, num_experts: int, balance: str,

@@ -15,12 +15,14 @@ including its balancing loss that pools all layers' experts by index); options a
 
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .balance import RouterStats, auxiliary_losses, track_step
@@ -53,6 +55,7 @@ def _hf_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_inde
         in_bias if self.has_bias else None, out_bias if self.has_bias else None,
         self.post_expert_norm if getattr(self, "has_post_expert_norm", False) else None,
         getattr(self, "moeplug_ep", None),
+        may_drop=self._moeplug.config.capacity_factor is not None,
     )
 
 
@@ -61,7 +64,11 @@ ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, _hf_experts_forward)
 
 @dataclass
 class _PatchState:
-    """Shared by one patched model's routers and hooks."""
+    """Shared by one patched model's routers, experts and hooks.
+
+    The hooks are methods of this object (not closures), so a deep copy or a pickle of the model
+    carries its own state, and its hooks read its own routers.
+    """
 
     config: MoEConfig
     score_func: str
@@ -75,6 +82,31 @@ class _PatchState:
     # by score + bias (DeepSeek-V3 already does, through its own e_score_correction_bias).
     biased_selection: bool = False
     family: str = ""
+
+    def capture_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the model: remember the batch's padding mask and sequence count."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        self.num_sequences = ids.shape[0] if isinstance(ids, torch.Tensor) and ids.dim() >= 2 else 1
+        # transformers also passes 4-D masks, or a dict of them per attention type (static caches):
+        # only a 2-D [batch, seq] padding mask says which tokens are padding.
+        mask = kwargs.get("attention_mask")
+        self.token_mask = mask.reshape(-1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for router in self.routers.values():
+            router.moeplug_aux_loss = None
+
+    def add_aux_loss(self, module: nn.Module, args: tuple, kwargs: dict, output):
+        """Forward hook of the model: add the routers' per-layer losses to `loss` and `aux_loss`."""
+        losses = [r.moeplug_aux_loss for r in self.routers.values() if r.moeplug_aux_loss is not None]
+        if not losses:
+            return output
+        total = torch.stack([loss.float() for loss in losses]).sum()
+        if getattr(output, "loss", None) is not None:
+            output["loss"] = output.loss + total.to(output.loss.dtype)
+        if hasattr(output, "aux_loss"):
+            output["aux_loss"] = total
+        return output
 
 
 def _biased_selection(router: nn.Module, family: str, logits: torch.Tensor, bias: torch.Tensor):
@@ -119,8 +151,13 @@ class _MoEPlugRouter:
             logits32, probs, selected, self.top_k, cfg.balance, cfg.aux_loss_coef or 0.0, cfg.z_loss_coef,
             mask, state.num_sequences, global_counts,
         )
-        self.moeplug_stats = RouterStats.collect(index, probs, dropped, lbl, z)
+        self.moeplug_stats = RouterStats(index, probs, dropped, lbl, z)
         return logits, weights, index
+
+    def __reduce_ex__(self, protocol):
+        # The patched class is made at run time and cannot be found by name: pickle (torch.save) and
+        # deepcopy rebuild it from the model's own router class.
+        return _new_patched_router, (self._moeplug_base,), self.__getstate__()
 
 
 _router_classes: dict[type, type] = {}
@@ -130,6 +167,24 @@ def _patched_router_class(cls: type) -> type:
     if cls not in _router_classes:
         _router_classes[cls] = type(f"MoEPlug{cls.__name__}", (_MoEPlugRouter, cls), {"_moeplug_base": cls})
     return _router_classes[cls]
+
+
+def _new_patched_router(base: type) -> nn.Module:
+    """An empty instance of the patched subclass of `base` (its state is restored by unpickling)."""
+    return object.__new__(_patched_router_class(base))
+
+
+def _init_weights_and_router_buffers(owner: nn.Module, module: nn.Module) -> None:
+    """`owner`'s own `_init_weights(module)`, then the buffers the patch added to a router.
+
+    transformers materialises a model built on the meta device (from_pretrained, `init_weights()`
+    after `to_empty`) by running `_init_weights` on every module, non-persistent buffers included;
+    the selection bias must start at zero like transformers' own buffers start at their values.
+    """
+    type(owner)._init_weights(owner, module)
+    if isinstance(module, _MoEPlugRouter) and "moeplug_selection_bias" in module._buffers:
+        with torch.no_grad():
+            module.moeplug_selection_bias.zero_()
 
 
 def _is_router(module: nn.Module) -> bool:
@@ -164,35 +219,6 @@ def _make_config(model: nn.Module, options: dict) -> MoEConfig:
         options["aux_loss_coef"] = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
     # Width-free validation: the per-model sizes do not matter for these options.
     return MoEConfig(num_experts=1, top_k=1, **options)
-
-
-def _capture_batch(state: _PatchState):
-    def pre_hook(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        state.num_sequences = ids.shape[0] if ids is not None and ids.dim() >= 2 else 1
-        mask = kwargs.get("attention_mask")
-        state.token_mask = mask.reshape(-1) if mask is not None and mask.dim() == 2 else None
-        for router in state.routers.values():
-            router.moeplug_aux_loss = None
-
-    return pre_hook
-
-
-def _add_aux_loss(state: _PatchState):
-    def hook(module, args, kwargs, output):
-        losses = [r.moeplug_aux_loss for r in state.routers.values() if r.moeplug_aux_loss is not None]
-        if not losses:
-            return output
-        total = torch.stack([loss.float() for loss in losses]).sum()
-        if getattr(output, "loss", None) is not None:
-            output["loss"] = output.loss + total.to(output.loss.dtype)
-        if hasattr(output, "aux_loss"):
-            output["aux_loss"] = total
-        return output
-
-    return hook
 
 
 def _warn_if_plain_deepspeed(ep_size) -> None:
@@ -245,7 +271,14 @@ def patch_model(model: nn.Module, **options) -> PatchReport:
         module.moeplug_step_counts = None
         if not hasattr(module, "e_score_correction_bias"):
             # Non-persistent: transformers checkpoints have no slot for it (see BalanceController.state_dict).
-            module.register_buffer("moeplug_selection_bias", torch.zeros(module.num_experts), persistent=False)
+            # Zeros on the router's device (meta included); `_init_weights` zeroes it again after to_empty.
+            bias = torch.zeros(module.num_experts, device=module.weight.device)
+            module.register_buffer("moeplug_selection_bias", bias, persistent=False)
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module._init_weights = functools.partial(_init_weights_and_router_buffers, module)
+    for name in experts:
+        model.get_submodule(name)._moeplug = state
     state.routers = routers
     for name, layout in layouts.items():
         if layout.ep_size > 1:
@@ -259,8 +292,8 @@ def patch_model(model: nn.Module, **options) -> PatchReport:
         state.previous_aux_coef = model.router_aux_loss_coef
         model.router_aux_loss_coef = 0.0
     state.hooks = [
-        model.register_forward_pre_hook(_capture_batch(state), with_kwargs=True),
-        model.register_forward_hook(_add_aux_loss(state), with_kwargs=True),
+        model.register_forward_pre_hook(state.capture_batch, with_kwargs=True),
+        model.register_forward_hook(state.add_aux_loss, with_kwargs=True),
     ]
     model._moeplug = state
     return PatchReport(family, list(state.routers), experts, dict(options))
@@ -281,6 +314,11 @@ def unpatch_model(model: nn.Module) -> None:
             del router._buffers["moeplug_selection_bias"]
     for hook in state.hooks:
         hook.remove()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.__dict__.pop("_init_weights", None)
+        if _is_experts(module):
+            module.__dict__.pop("_moeplug", None)
     model.set_experts_implementation(state.previous_experts_implementation)
     if state.previous_aux_coef is not None:
         model.router_aux_loss_coef = state.previous_aux_coef

@@ -74,7 +74,8 @@ class MoELayer(nn.Module):
         if self.training and cfg.jitter > 0:
             router_in = tokens * torch.empty_like(tokens).uniform_(1 - cfg.jitter, 1 + cfg.jitter)
         routing = route(self.router(router_in), cfg, self.selection_bias)
-        out = self.experts(tokens, routing.top_k_index, routing.top_k_weights)
+        out = self.experts(tokens, routing.top_k_index, routing.top_k_weights,
+                           may_drop=cfg.capacity_factor is not None)
         if self.shared_expert is not None:
             shared = self.shared_expert(tokens)
             if self.shared_expert_gate is not None:
@@ -88,5 +89,5 @@ class MoELayer(nn.Module):
             routing.logits, routing.scores, routing.selected, cfg.top_k, cfg.balance,
             cfg.aux_loss_coef or 0.0, cfg.z_loss_coef, token_mask, num_sequences, global_counts,
         )
-        self.stats = RouterStats.collect(routing.top_k_index, routing.scores, routing.dropped, lbl, z)
+        self.stats = RouterStats(routing.top_k_index, routing.scores, routing.dropped, lbl, z)
         return out.view_as(hidden)

@@ -38,9 +38,15 @@ class Routing:
 
 
 def check_logits(logits: torch.Tensor, num_experts: int) -> None:
-    """Raise a clear error for router logits of the wrong width or with NaN/inf values."""
+    """Raise a clear error for router logits of the wrong width or with NaN/inf values.
+
+    The value check reads a tensor on the host, so it runs in eager mode only: under
+    torch.compile / torch.export it is left out (a data-dependent branch cannot be traced).
+    """
     if logits.shape[-1] != num_experts:
         raise ValueError(f"router logits have {logits.shape[-1]} experts, expected {num_experts}")
+    if torch.compiler.is_compiling():
+        return
     if not torch.isfinite(logits).all():
         bad = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten()[:5].tolist()
         raise FloatingPointError(
