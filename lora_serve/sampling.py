@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 MIN_TEMPERATURE = 1e-5
-SEED_RANGE = (-(2**63), 2**63 - 1)  # torch generators take int64 seeds
+_SEED_MODULUS = 2**64  # torch generators take 64-bit seeds
 
 
 @dataclass(frozen=True)
@@ -16,8 +16,9 @@ class SamplingParams:
 
     ``temperature`` below ``MIN_TEMPERATURE`` (1e-5, as in vLLM) is greedy: dividing logits by a smaller
     number only sharpens the distribution onto the argmax while risking overflow. ``top_k=0`` and
-    ``top_p=1`` disable those filters; top-p always keeps the most likely token. ``seed`` (an int64)
-    makes a sampled request reproducible whatever else shares its batch. Generation stops after ``max_tokens``
+    ``top_p=1`` disable those filters; top-p always keeps the most likely token. ``seed`` (any integer;
+    seeds equal modulo 2**64 are the same seed) makes a sampled request reproducible whatever else shares
+    its batch. Generation stops after ``max_tokens``
     tokens, at a token in ``stop_token_ids`` or the model's end-of-sequence ids (unless ``ignore_eos``),
     or when the text contains one of ``stop`` (the text is cut before it).
     """
@@ -42,10 +43,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]
-        ):
-            raise ValueError(f"seed must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer or None, got {type(self.seed).__name__}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = disabled), got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
@@ -67,7 +66,7 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     if params.seed is None:
         generator.seed()
     else:
-        generator.manual_seed(params.seed)
+        generator.manual_seed(params.seed % _SEED_MODULUS)
     return generator
 
 

@@ -28,7 +28,7 @@ def resolve_under_root(root: Path | None, path: str) -> Path:
 
     Resolving follows symlinks and ``..`` first, so neither can lead a client outside the root. Errors
     never name the root or echo the path: 403 when loading is disabled or the path leads outside the
-    root, 400 for a path the OS cannot use, 404 when no PEFT adapter is there.
+    root, 400 for a NUL byte, 404 when no PEFT adapter is there (or can be: a name too long for the OS).
     """
     if root is None:
         raise APIError(
@@ -39,10 +39,11 @@ def resolve_under_root(root: Path | None, path: str) -> Path:
     try:
         resolved = (root / path).resolve()
         found = (resolved / _PEFT_CONFIG).is_file()
-    except (OSError, ValueError) as err:  # too long, a NUL byte, a symlink loop, ...
-        reason = getattr(err, "strerror", None) or "not a usable path"
-        raise APIError(400, f"lora_path cannot be used: {reason}", param="lora_path", code="invalid_path") from None
-    if not resolved.is_relative_to(root):
+    except ValueError:  # a NUL byte
+        raise APIError(400, "lora_path cannot hold a NUL byte", param="lora_path", code="invalid_path") from None
+    except OSError:  # a name too long, a symlink loop...: no adapter can be there
+        found = resolved = None
+    if resolved is not None and not resolved.is_relative_to(root):
         raise APIError(403, "lora_path lies outside the adapter root", param="lora_path", code="path_not_allowed")
     if not found:
         raise APIError(404, f"no PEFT adapter ({_PEFT_CONFIG}) at lora_path under the adapter root",

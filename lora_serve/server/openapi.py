@@ -37,10 +37,14 @@ def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 def generation_responses(response_model: type, chunk_model: type) -> dict[int | str, dict[str, Any]]:
     """``responses=`` of a generation endpoint: one JSON body, or an event stream when ``stream`` is true."""
-    stream = {
-        "schema": {"type": "string"},
-        "example": "data: {...}\n\ndata: [DONE]\n\n",
+    event = {  # Open API 3.1: the schema of an event stream describes one event
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "string", "description": f"a {chunk_model.__name__} as JSON, `[DONE]`, or an error"},
+        },
     }
+    stream = {"schema": event}
     ok = {
         "model": response_model,
         "description": f"Without `stream`: a {response_model.__name__}. With `stream`: server-sent events, each "

@@ -12,14 +12,30 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
 
 from ..adapter_store import MAX_NAME_LENGTH
-from ..sampling import SEED_RANGE, SamplingParams
+from ..sampling import SamplingParams
 
 # Strict parsing: a JSON value is accepted only as the type the schema gives it (no "true" for true, no
-# false for 0, no 1.0 for an integer), so what the schema refuses the server refuses and vice versa.
+# false for 0), so what the schema refuses the server refuses and vice versa.
 _STRICT = ConfigDict(strict=True)
+
+
+def _whole(value):
+    """JSON Schema's integers include numbers with a zero fraction (``2.0``); pydantic's strict ints do not."""
+    return int(value) if type(value) is float and value.is_integer() else value  # noqa: E721 (not bool)
+
+
+def _integer(**bounds) -> Any:
+    """An integer field type with ``bounds`` (``ge``/``le``) that also takes whole floats, like JSON Schema."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+
+
+TokenId = _integer(ge=0)
+PositiveInt = _integer(ge=1)
+TopK = _integer(ge=-1)  # vLLM's extension; 0 and -1 both disable it
+Seed = _integer()  # any integer (JSON has no bound; seeds equal modulo 2**64 are the same seed)
 
 
 def _is_number(value) -> bool:
@@ -70,7 +86,6 @@ _RefusedOptions = create_model(
 )
 
 ModelName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LENGTH)]
-TokenId = Annotated[int, Field(ge=0)]
 StopString = Annotated[str, Field(min_length=1)]
 
 
@@ -91,8 +106,8 @@ class _GenerationRequest(_RefusedOptions):
     model: ModelName
     temperature: float = Field(1.0, ge=0, le=2, description="0 (or below 1e-5) is greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)  # vLLM's extension; 0 and -1 both disable it
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    top_k: TopK = 0
+    seed: Seed | None = None
     stop: StopString | list[StopString] | None = Field(None, max_length=16)
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=256)
     ignore_eos: bool = False
@@ -144,6 +159,7 @@ def _one_prompt(prompt):
         raise ValueError("prompt must be a string or a list of token ids")
     if not prompt:
         raise ValueError("prompt is empty")
+    prompt = [_whole(token) for token in prompt]
     for token in prompt:
         if type(token) is not int or token < 0:  # noqa: E721 (bool is not a token id)
             raise ValueError("prompt token ids must be non-negative integers")
@@ -159,7 +175,7 @@ class CompletionRequest(_GenerationRequest):
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)]
     )
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default for this endpoint
+    max_tokens: PositiveInt = 16  # OpenAI's default for this endpoint
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -194,8 +210,8 @@ class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None  # OpenAI's newer name for max_tokens
 
     @property
     def requested_max_tokens(self) -> int | None:

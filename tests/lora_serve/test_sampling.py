@@ -123,11 +123,15 @@ def test_top_p_keeps_the_top_token_even_below_float32_resolution():
     assert torch.isfinite(_filter(logits, 0, 1e-300)).tolist() == [False, True, False]
 
 
-def test_seeds_outside_int64_are_refused():
-    SamplingParams(seed=2**63 - 1)
-    SamplingParams(seed=-(2**63))
-    with pytest.raises(ValueError, match=r"seed must be an integer in \[-9223372036854775808, 9223372036854775807\]"):
-        SamplingParams(seed=2**64)
+def test_any_integer_is_a_seed_taken_modulo_2_to_the_64(engine):
+    # Issue 16: a huge seed made torch's manual_seed raise inside submit (answered as an error about `prompt`).
+    def run(seed):
+        return engine.generate([PROMPT], SamplingParams(max_tokens=6, temperature=1.5, seed=seed))[0].token_ids
+
+    assert run(2**200 + 5) == run(5) == run(5 - 2**64)
+    assert run(5) != run(6)
+    with pytest.raises(ValueError, match="seed must be an integer or None, got float"):
+        SamplingParams(seed=1.5)
 
 
 def test_a_request_failing_in_sampling_ends_alone_and_frees_its_pages(engine, monkeypatch):
