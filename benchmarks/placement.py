@@ -16,6 +16,12 @@ per-choice one, interleaved step by step (CPU: 2 cores shared by 4 processes -- 
     .venv/bin/python benchmarks/placement.py --load benchmarks/out/placement/model.pt --measure  # no training
     .venv/bin/python benchmarks/placement.py --smoke        # seconds, for CI
 
+Reproducible run (no wall-clock limit decides anything: training stops at --steps, the ILP at
+--ilp-nodes branch-and-bound nodes, every local search converges or stops at --refine-passes):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/placement.py --abstracts ../shared/data/abstracts.txt \
+        --train-minutes 0 --ilp-seconds 0 --ilp-nodes 200 --refine-passes 20 --measure --out DIR
+
 Writes result.json, the traces (fit/held_out .safetensors) and the trained weights (model.pt) to
 --out (default benchmarks/out/placement).
 """
@@ -63,8 +69,8 @@ def train(args, train_data):
             (model(ids, labels=ids).loss / args.micro_batches).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if time.perf_counter() - started > args.train_minutes * 60:
-            break
+        if args.train_minutes > 0 and time.perf_counter() - started > args.train_minutes * 60:
+            break  # a wall-clock cap: the step count then depends on the machine (--train-minutes 0: none)
     return model.eval(), step + 1, time.perf_counter() - started
 
 
@@ -90,16 +96,21 @@ def plans(trace, args) -> dict[str, Placement]:
     layers, experts = trace.num_layers, trace.num_experts
     generator = torch.Generator().manual_seed(0)
     random = torch.stack([torch.randperm(experts, generator=generator).view(RANKS, -1) for _ in range(layers)])
+    # Seconds make a plan depend on the machine's speed and load; nodes and passes do not (0 s: no clock).
+    seconds = args.ilp_seconds if args.ilp_seconds > 0 else None
+    refine = dict(refine_seconds=10.0 if seconds else None, refine_passes=args.refine_passes)
+    ilp = dict(time_limit=seconds, node_limit=args.ilp_nodes, refine_passes=args.refine_passes)
     return {
         "contiguous": Placement.contiguous(layers, experts, RANKS),
         "random": Placement(random, experts),
-        "greedy_coherent": greedy_plan(trace, RANKS, traffic_model="context_coherent"),
-        "greedy_standard": greedy_plan(trace, RANKS, traffic_model="standard"),
-        "greedy_coherent_tol0.1": greedy_plan(trace, RANKS, traffic_model="context_coherent", tolerance=0.1),
+        "greedy_coherent": greedy_plan(trace, RANKS, traffic_model="context_coherent", **refine),
+        "greedy_standard": greedy_plan(trace, RANKS, traffic_model="standard", **refine),
+        "greedy_coherent_tol0.1": greedy_plan(trace, RANKS, traffic_model="context_coherent", tolerance=0.1,
+                                              **refine),
         f"greedy_replicas{args.replicas}": greedy_plan(trace, RANKS, replicas=args.replicas,
-                                                       traffic_model="context_coherent"),
-        "ilp_coherent": ilp_plan(trace, RANKS, "context_coherent", time_limit=args.ilp_seconds),
-        "ilp_standard": ilp_plan(trace, RANKS, "standard", time_limit=args.ilp_seconds),
+                                                       traffic_model="context_coherent", **refine),
+        "ilp_coherent": ilp_plan(trace, RANKS, "context_coherent", **ilp),
+        "ilp_standard": ilp_plan(trace, RANKS, "standard", **ilp),
     }
 
 
@@ -157,11 +168,12 @@ def measure(args, model, chosen: dict[str, Placement], held_out) -> dict:
             for key, t in found["times"].items()}
 
 
-def replica_sweep(fit, test, counts) -> dict:
+def replica_sweep(fit, test, counts, refine_passes=None) -> dict:
     """Worst-layer max/mean rank load on fit and held-out traces, balance-only greedy, per replica count."""
     sweep = {}
     for replicas in counts:
-        plan = greedy_plan(fit, RANKS, replicas=replicas, traffic_model="context_coherent", tolerance=0.0)
+        plan = greedy_plan(fit, RANKS, replicas=replicas, traffic_model="context_coherent", tolerance=0.0,
+                           refine_seconds=None, refine_passes=refine_passes)
         sweep[replicas] = {"fit": float(evaluate(fit, plan)["standard"].max_mean_load.max()),
                            "held_out": float(evaluate(test, plan)["standard"].max_mean_load.max()),
                            "held_out_layer_mean": float(evaluate(test, plan)["standard"].max_mean_load.mean())}
@@ -172,12 +184,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser, steps=400, micro_batches=2, length=128, layers=6, hidden=96, expert_width=96,
                       coef=0.01)
-    parser.add_argument("--train-minutes", type=float, default=12.0, help="stop training after this long")
+    parser.add_argument("--train-minutes", type=float, default=12.0,
+                        help="stop training after this long (0: no limit, --steps decides: reproducible)")
     parser.add_argument("--load", type=Path, help="model.pt of an earlier run (same model options): skip training")
     parser.add_argument("--trace-batches", type=int, default=16, help="per domain, for planning and for evaluation")
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--replica-sweep", default="0,4,8,12,16", help="replica counts for the balance sweep")
-    parser.add_argument("--ilp-seconds", type=float, default=60.0)
+    parser.add_argument("--ilp-seconds", type=float, default=60.0,
+                        help="HiGHS time limit (machine-dependent result); 0: none, use --ilp-nodes")
+    parser.add_argument("--ilp-nodes", type=int, default=None, help="HiGHS branch-and-bound node limit (reproducible)")
+    parser.add_argument("--refine-passes", type=int, default=None, help="cap on local-search passes (None: converge)")
     parser.add_argument("--measure", action="store_true", help="time the 4-process EP model per placement")
     parser.add_argument("--measure-steps", type=int, default=8)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
@@ -186,6 +202,7 @@ def main() -> None:
     if args.smoke:
         args.steps, args.layers, args.hidden, args.expert_width, args.length, args.batch = 2, 2, 32, 32, 32, 2
         args.trace_batches, args.ilp_seconds, args.measure_steps, args.experts, args.replicas = 1, 1, 1, 8, 4
+        args.refine_passes = args.refine_passes or 2
         args.replica_sweep = "0,4"
     torch.manual_seed(args.seed)
     train_data, held_out = split_domains(args.abstracts)
@@ -209,7 +226,7 @@ def main() -> None:
     for row in rows.values():
         row["standard_vs_contiguous"] = row["standard_sends"] / base["standard_sends"] - 1
         row["coherent_vs_contiguous"] = row["coherent_hops"] / base["coherent_hops"] - 1
-    sweep = replica_sweep(fit, test, [int(v) for v in args.replica_sweep.split(",")])
+    sweep = replica_sweep(fit, test, [int(v) for v in args.replica_sweep.split(",")], args.refine_passes)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "train_steps": steps, "train_s": seconds,
               "held_out_tokens": test.tokens, "affinity_fit": affinity_stats(fit), "affinity_held_out": affinity_stats(test),
               "placements": rows, "replica_sweep": sweep}

@@ -96,7 +96,8 @@ def _pack_layer(load: torch.Tensor, copies: torch.Tensor, ranks: int, per_rank: 
 
 
 def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_model: str = "context_coherent",
-                tolerance: float = 0.05, refine_seconds: float = 10.0) -> Placement:
+                tolerance: float = 0.05, refine_seconds: float | None = 10.0,
+                refine_passes: int | None = None) -> Placement:
     """Place every layer's experts on `ep_size` ranks, layer by layer (see the module docstring).
 
     Args:
@@ -104,7 +105,9 @@ def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_mo
         traffic_model: which traffic the affinity term saves ("context_coherent" or "standard").
         tolerance: a rank may exceed the balanced packing's busiest rank by this fraction (of its load)
             to save traffic; 0 keeps each layer as balanced as EPLB's packing.
-        refine_seconds: time for the local search (`refine_plan`, balance_weight 1); 0 skips it.
+        refine_seconds: time for the local search (`refine_plan`, balance_weight 1); 0 skips it; None
+            removes the wall-clock limit (a plan that does not depend on the machine's speed).
+        refine_passes: at most this many local-search passes (None: until a pass finds no gain).
     """
     if traffic_model not in TRAFFIC_MODELS:
         raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
@@ -122,4 +125,6 @@ def greedy_plan(trace: RoutingTrace, ep_size: int, replicas: int = 0, traffic_mo
     plan = Placement(torch.stack(layers), experts, list(trace.layer_names),
                      {"planner": "greedy", "replicas": replicas, "traffic_model": traffic_model,
                       "tolerance": tolerance})
-    return refine_plan(trace, plan, traffic_model, time_limit=refine_seconds) if refine_seconds > 0 else plan
+    if refine_seconds is not None and refine_seconds <= 0:
+        return plan
+    return refine_plan(trace, plan, traffic_model, time_limit=refine_seconds, max_passes=refine_passes)

@@ -10,6 +10,12 @@ Minimise  sum(w) - sum(w * c) + balance_weight * sum_l M[l]  -- the same number 
 the greedy plan on it and the better one returned: the ILP never does worse than greedy. Pairs
 lighter than `min_pair_share` of a layer's weight are left out to keep the model small (they count
 as always apart).
+
+Reproducibility: HiGHS stopped by `time_limit` returns whatever incumbent it had at that moment, which
+depends on the machine's speed and load. `time_limit=None, node_limit=N` stops it after N branch-and-bound
+nodes instead (and runs the local searches without a clock): the same trace gives the same plan on any
+machine with the same scipy/HiGHS. `info["status"]` says why the solver stopped and `info["mip_gap"]` how far
+from proven optimal the incumbent was.
 """
 
 from __future__ import annotations
@@ -47,16 +53,23 @@ def _heavy(matrix: torch.Tensor, min_share: float):
 
 
 def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_coherent", balance_weight: float = 1.0,
-             time_limit: float = 10.0, min_pair_share: float = 1e-3, max_imbalance: float | None = None) -> Placement:
+             time_limit: float | None = 10.0, min_pair_share: float = 1e-3, max_imbalance: float | None = None,
+             node_limit: int | None = None, refine_passes: int | None = None) -> Placement:
     """Solve the placement MILP (see the module docstring); returns the better of it and greedy.
 
     `max_imbalance` (optional) caps every layer's busiest rank at that multiple of the mean rank
     load; when the cap is infeasible (one expert heavier than it) the greedy plan comes back.
 
+    `time_limit` (seconds, None: none) and `node_limit` (branch-and-bound nodes, None: none) bound the
+    solver; with `time_limit=None` the local searches (`refine_plan`, at most `refine_passes` passes) run
+    without a clock too, so the plan is reproducible (see the module docstring).
+
     `info` of the result reports the solver status, its optimality gap (`mip_gap`, relative; 0 when
     proven optimal), both objectives and which plan won (`used`); when greedy wins, its own `info`
     comes back with the solver's under `info["ilp"]`.
     """
+    if time_limit is None and node_limit is None:
+        raise ValueError("ilp_plan needs time_limit or node_limit (node_limit alone gives a reproducible plan)")
     if traffic_model not in TRAFFIC_MODELS:
         raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
     layers, experts = trace.num_layers, trace.num_experts
@@ -107,15 +120,18 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
     mean_load = trace.counts.sum(1) / ep_size
     high[num_x + num_c:] = np.inf if max_imbalance is None else (max_imbalance * mean_load).numpy()
     low[x(0, 0, 0)] = 1  # ranks are interchangeable: pin expert 0 of layer 0 to rank 0
+    limits = {k: v for k, v in (("time_limit", time_limit), ("node_limit", node_limit)) if v is not None}
     started = time.perf_counter()
     result = milp(cost, constraints=LinearConstraint(matrix, lower, upper), integrality=integrality,
-                  bounds=Bounds(low, high), options={"time_limit": time_limit})
+                  bounds=Bounds(low, high), options=limits)
     seconds = time.perf_counter() - started
 
-    greedy = greedy_plan(trace, ep_size, traffic_model=traffic_model)
+    refine_seconds = None if time_limit is None else min(time_limit, 10.0)
+    greedy = greedy_plan(trace, ep_size, traffic_model=traffic_model, refine_seconds=refine_seconds,
+                         refine_passes=refine_passes)
     greedy_value = objective(trace, greedy, traffic_model, balance_weight)
     info = {"planner": "ilp", "traffic_model": traffic_model, "balance_weight": balance_weight,
-            "max_imbalance": max_imbalance,
+            "max_imbalance": max_imbalance, "time_limit": time_limit, "node_limit": node_limit,
             "status": result.message, "solve_s": round(seconds, 3), "pairs": len(pairs),
             "mip_gap": getattr(result, "mip_gap", None), "greedy_objective": greedy_value}
     if result.x is None:
@@ -127,7 +143,7 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
     plan = Placement(slots, experts, list(trace.layer_names), info)
     info["ilp_objective"] = objective(trace, plan, traffic_model, balance_weight)
     # An incumbent short of optimal may still improve by local search (which keeps every layer's peak).
-    plan = refine_plan(trace, plan, traffic_model, balance_weight, time_limit=min(time_limit, 10.0))
+    plan = refine_plan(trace, plan, traffic_model, balance_weight, time_limit=refine_seconds, max_passes=refine_passes)
     info = plan.info
     value = objective(trace, plan, traffic_model, balance_weight)
     if value > greedy_value:

@@ -4,8 +4,10 @@ Greedy packing places each copy once and never revisits it; a pass over all cros
 of every layer, keeping each swap that lowers `cost.objective` (traffic + balance_weight * the
 layers' busiest-rank loads), fixes much of what that order got wrong. A swap is refused when it
 would make its layer's busiest rank heavier than in the starting plan (so the balance the packing
-guaranteed is kept) or put two copies of one expert on one rank. Stops after a pass with no gain
-or at `time_limit`.
+guaranteed is kept) or put two copies of one expert on one rank. Stops after a pass with no gain,
+after `max_passes` passes, or at `time_limit` seconds. A wall-clock limit makes the result depend on the
+machine's speed; for a reproducible plan pass `time_limit=None` and (if needed) `max_passes`.
+`info["refine"]` says which of the three stopped it.
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ from .trace import RoutingTrace
 
 
 def refine_plan(trace: RoutingTrace, plan: Placement, traffic_model: str, balance_weight: float = 1.0,
-                time_limit: float = 10.0) -> Placement:
-    """`plan` improved by pairwise swaps (see the module docstring); `info["refine"]` says what changed."""
+                time_limit: float | None = 10.0, max_passes: int | None = None) -> Placement:
+    """`plan` improved by pairwise swaps (see the module docstring); `info["refine"]` says what changed.
+
+    `time_limit=None` removes the wall-clock limit; `max_passes=None` allows passes until one finds no gain.
+    """
+    if max_passes is not None and max_passes < 1:
+        raise ValueError(f"max_passes={max_passes!r} must be a positive integer or None")
+    limit = float("inf") if time_limit is None else time_limit
     slots = plan.slots.clone()
     experts, layers = plan.num_experts, plan.num_layers
     peak = rank_load(trace, plan).max(1).values  # [L]: no layer may end heavier than this
@@ -31,7 +39,8 @@ def refine_plan(trace: RoutingTrace, plan: Placement, traffic_model: str, balanc
     places = [(r, s) for r in range(plan.ep_size) for s in range(plan.slots_per_rank)]
     swaps, passes, started = 0, 0, time.perf_counter()
     improved = True
-    while improved and time.perf_counter() - started < time_limit:
+    timed_out = False
+    while improved and not timed_out and (max_passes is None or passes < max_passes):
         improved, passes = False, passes + 1
         for layer, ((r1, s1), (r2, s2)) in itertools.product(range(layers), itertools.combinations(places, 2)):
             table = slots[layer]
@@ -47,8 +56,11 @@ def refine_plan(trace: RoutingTrace, plan: Placement, traffic_model: str, balanc
             else:
                 table[r1, s1], table[r2, s2] = a, b
                 share[layer] = kept
-            if time.perf_counter() - started > time_limit:
+            if time.perf_counter() - started > limit:
+                timed_out = True
                 break
+    stopped = "time_limit" if timed_out else "converged" if not improved else "max_passes"
     info = dict(plan.info, refine={"swaps": swaps, "passes": passes, "objective_before": start,
-                                   "objective_after": best, "seconds": round(time.perf_counter() - started, 3)})
+                                   "objective_after": best, "stopped": stopped,
+                                   "seconds": round(time.perf_counter() - started, 3)})
     return Placement(slots, experts, list(plan.layer_names), info)
