@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..adapter_store import AdapterError
@@ -56,27 +57,53 @@ def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
-class _APIKeyGuard:
-    """ASGI middleware: a 401 for ``/v1/*`` unless ``Authorization: Bearer <api_key>``, before the body is read.
+class _RequestGuard:
+    """ASGI middleware: before any body is read, a 401 for ``/v1/*`` without ``Authorization: Bearer
+    <api_key>`` (when the server has a key) and a 413 for a ``Content-Length`` over ``max_bytes``; a body
+    streamed without one gets its 413 as soon as it passes the limit.
 
-    (FastAPI reads and parses a body before it runs a route's dependencies, so a dependency would let an
-    unauthenticated client make the server read and parse megabytes.)
+    (FastAPI reads and parses a body before it runs a route's dependencies, and its own ``max_body_size``
+    answers in plain text, even to a request that should get a 401: hence one guard in front of both.)
     """
 
-    def __init__(self, app: ASGIApp, api_key: str, on_error: Callable[[int], None]):
-        self.app, self._expected, self._on_error = app, api_key.encode(), on_error
+    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int, on_error: Callable[[int], None]):
+        self.app, self._max_bytes, self._on_error = app, max_bytes, on_error
+        self._expected = None if api_key is None else api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        error = None
+        if self._expected is not None and scope["path"].startswith("/v1/"):
+            scheme, _, key = headers.get("authorization", "").partition(" ")
             # compare_digest: the time taken must not reveal how much of a guessed key was right.
             if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), self._expected):
-                self._on_error(401)
                 error = APIError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        length = headers.get("content-length", "")
+        if error is None and length.isdigit() and int(length) > self._max_bytes:
+            error = APIError(413, f"{scope['method']} {scope['path']}: {self._too_large().detail}")
+        if error is not None:
+            self._on_error(error.status)
+            await error.response()(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_at_most() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self._max_bytes:
+                # Raised inside FastAPI's body parsing, which passes HTTPExceptions on to the error handlers.
+                raise self._too_large()
+            return message
+
+        await self.app(scope, receive_at_most, send)
+
+    def _too_large(self) -> HTTPException:
+        return HTTPException(413, f"the request body is larger than this server's limit of {self._max_bytes} bytes")
 
 
 async def _answer(
@@ -184,8 +211,7 @@ def create_app(
         finally:
             async_engine.close()
 
-    app = FastAPI(title="lora_serve", summary="OpenAI-compatible multi-LoRA server", lifespan=lifespan,
-                  max_body_size=config.max_body_bytes)
+    app = FastAPI(title="lora_serve", summary="OpenAI-compatible multi-LoRA server", lifespan=lifespan)
 
     def count_error(status: int) -> None:
         serving = getattr(app.state, "serving", None)
@@ -193,11 +219,9 @@ def create_app(
             serving.metrics.count_error(status)
 
     install_error_handlers(app, count_error)
-    if config.api_key is None:
-        app.include_router(api)
-    else:
-        app.add_middleware(_APIKeyGuard, api_key=config.api_key, on_error=count_error)
-        app.include_router(api, dependencies=[Security(_bearer)])  # documents the scheme; the guard checks it
+    app.add_middleware(_RequestGuard, api_key=config.api_key, max_bytes=config.max_body_bytes, on_error=count_error)
+    # With a key, the router documents the bearer scheme (the guard checks it).
+    app.include_router(api, dependencies=[Security(_bearer)] if config.api_key else [])
     install_openapi(app, ModelLimits(engine.max_context, engine.model.get_input_embeddings().num_embeddings,
                                      prompt_char_limit(engine.tokenizer, engine.max_context)))
 

@@ -99,3 +99,62 @@ def test_cli_serves_adapters_and_shuts_down_gracefully(tmp_path, lora, serve):
     shutdown = "".join(log)
     assert "Waiting for connections to close" in shutdown  # the stream was in flight at SIGTERM
     assert "Application shutdown complete" in shutdown  # the lifespan stopped the engine thread
+
+
+def test_a_bad_adapter_under_the_root_is_skipped_unless_strict(tmp_path, lora, caplog):
+    from lora_serve.cli import build_engine
+
+    base = lora.tiny_model("llama")
+    base.save_pretrained(tmp_path / "model")
+    lora.save_adapter(base, tmp_path / "root" / "good", 4, ["q_proj"], seed=1)
+    (tmp_path / "root" / "bad").mkdir()
+    (tmp_path / "root" / "bad" / "adapter_config.json").write_bytes(b"[1, 2]")
+    argv = ["--model", str(tmp_path / "model"), "--adapter-root", str(tmp_path / "root"), "--pool-slots", "4000"]
+    with caplog.at_level("WARNING", logger="lora_serve"):
+        engine = build_engine(parse_args(argv))
+    assert [a.name for a in engine.list_adapters()] == ["good"]
+    assert "skipping adapter 'bad'" in caplog.text and "must hold a JSON object" in caplog.text
+    with pytest.raises(SystemExit, match="cannot serve adapter 'bad'.*must hold a JSON object"):
+        build_engine(parse_args([*argv, "--strict-adapters"]))
+
+
+# Runs the CLI with an engine whose step always fails, as a bug in a step would.
+_DYING_ENGINE = """
+import sys
+import lora_serve.engine
+def step(self):
+    raise RuntimeError("injected step failure")
+lora_serve.engine.Engine.step = step
+from lora_serve.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_the_process_exits_non_zero_with_a_traceback_when_the_step_loop_dies(tmp_path, lora):
+    base = lora.tiny_model("llama")
+    base.save_pretrained(tmp_path / "model")
+    command = [sys.executable, "-c", _DYING_ENGINE, "--model", str(tmp_path / "model"), "--pool-slots", "4000",
+               "--port", "0", "--served-model-name", "tiny"]
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    try:
+        log, port, deadline = [], None, time.monotonic() + 120
+        while port is None:
+            log.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
+            port = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log[-1])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port[1]}/v1", api_key="none", max_retries=0, timeout=60)
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2)
+        assert failed.value.status_code == 503 and "engine has failed" in str(failed.value)
+        assert process.wait(timeout=60) == 1  # a supervisor sees the failure and restarts the server
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    while not lines.empty():
+        log.append(lines.get())
+    output = "".join(log)
+    assert "Traceback" in output and "RuntimeError: injected step failure" in output, output
+    assert "exiting: the engine step loop failed" in output, output

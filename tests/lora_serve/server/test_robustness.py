@@ -63,7 +63,7 @@ def _auth(serve) -> dict:
         ({"model": "base", "prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids.0", "greater than or equal"),
         ({"model": "base", "prompt": "x", "seed": 1.5}, 400, "seed", "valid integer"),
         ({"model": "base", "prompt": "x", "ignore_eos": "yes"}, 400, "ignore_eos", "valid boolean"),
-        ({"model": "base", "prompt": "x", "max_tokens": 2.0}, 400, "max_tokens", "valid integer"),
+        ({"model": "base", "prompt": "x", "max_tokens": 2.5}, 400, "max_tokens", "valid integer"),
         ({"model": "base", "prompt": "x", "repetition_penalty": 1.2}, 400, None, "repetition_penalty is not supported"),
         ({"model": "base", "prompt": "x", "response_format": {"type": "json_object"}}, 400, None,
          'response_format is not supported by this server (omit it or send {"type": "text"})'),
