@@ -55,6 +55,19 @@ def run_one(family: str, mode: str, out: Path, keyword: str | None, timeout: int
     return {"tests": result["tests"], "seconds": seconds}
 
 
+def library_state() -> str:
+    """The commit that ran, and the library files (moeplug/, kernels/) that differed from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "moeplug", "kernels"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split("\n")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    changed = [line[3:] for line in dirty if line.strip()]
+    return commit + (f" + uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.conformance", description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated (default: all six)")
@@ -63,6 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=300, help="per-test timeout, seconds")
     parser.add_argument("--baseline", default=None,
                         help="reuse the unpatched results of an earlier conformance.json (runs only the patched mode)")
+    parser.add_argument("--note", default="", help="a line for the report (e.g. which library state ran)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "conformance.json"))
     args = parser.parse_args(argv)
     families = [f for f in args.families.split(",") if f]
@@ -89,6 +103,7 @@ def main(argv=None) -> int:
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
                          f"{os.environ.get('OMP_NUM_THREADS', '1')}",
+              "library": library_state(), "note": args.note,
               "not_applicable_allowlist": allowlist.NOT_APPLICABLE, "families": {}}
     if baseline:
         if baseline["transformers"] != transformers.__version__:

@@ -12,8 +12,9 @@ classes below are ours: tiny configs from `moeplug.tiny` with an MoE block in ev
 
 The sdist lacks transformers' GenerationTesterMixin and ExportTesterMixin (see `sdist.py`), so
 `MoEPlugChecks` adds a few checks of our own for what those would have covered and users rely on:
-greedy generation with the dynamic and the static cache, `torch.compile(fullgraph=True)`, and export
-through transformers' own `DynamoExporter` with static and dynamic shapes. They run in both modes, like the
+greedy generation with the dynamic and the static cache, `torch.compile(fullgraph=True)`, export
+through transformers' own `DynamoExporter` with static and dynamic shapes, and (issue 15) pickling the
+whole model with `torch.save` and `copy.deepcopy`. They run in both modes, like the
 mixins' tests, so a regression is a test that passes unpatched and fails patched.
 """
 
@@ -136,6 +137,32 @@ class MoEPlugChecks:
             got = exported(**inputs)
         logits = got["logits"] if isinstance(got, dict) else got.logits
         torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)  # same fp32 ops
+
+    def _loss_and_logits(self, model, ids):
+        with torch.no_grad():
+            out = model(ids, labels=ids, use_cache=False)
+        return out.loss, out.logits
+
+    def test_moeplug_torch_save_whole_model(self):
+        """`torch.save(model)` / `torch.load` (pickling the module, as some trainers and users do) round-trips."""
+        import io
+
+        model, ids = self._causal_lm(), self._prompt()
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        for got, expected in zip(self._loss_and_logits(loaded, ids), self._loss_and_logits(model, ids)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)  # same weights, same ops, same process
+
+    def test_moeplug_deepcopy(self):
+        """`copy.deepcopy(model)` (reference models, EMA copies) computes what the original computes."""
+        import copy
+
+        model, ids = self._causal_lm(), self._prompt()
+        clone = copy.deepcopy(model)
+        for got, expected in zip(self._loss_and_logits(clone, ids), self._loss_and_logits(model, ids)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)  # same weights, same ops, same process
 
     def test_moeplug_export_static(self):
         self._check_export(dynamic=False)

@@ -38,6 +38,8 @@ def markdown(report: dict) -> str:
         f"`{report['command']}` — transformers {report['transformers']}, torch {report['torch']}, "
         f"{report['date']}, {report['wall_seconds']:.0f} s on {report['machine']}.",
         "",
+        f"Library: {report.get('library', 'unknown')}." + (f" {report['note']}" if report.get("note") else ""),
+        "",
         "Each family's tiny config (MoE in every layer) runs transformers' `ModelTesterMixin` and `ConfigTester` "
         "(from its sdist) plus moeplug's own generation/compile/export checks (`test_moeplug_*`, since the sdist "
         "lacks transformers' generation and export mixins), unpatched with eager experts and with every model "
