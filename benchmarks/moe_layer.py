@@ -6,7 +6,12 @@ Mixtral sparse MoE block; and the roof: one dense `torch.mm` pair doing the same
 (tokens*k rows through H -> 2I -> H, forward and backward), i.e. what perfect grouping costs.
 
     .venv/bin/python benchmarks/moe_layer.py            # full shapes (a few minutes)
+    .venv/bin/python benchmarks/moe_layer.py --compiled # also torch.compile'd blocks (inductor) on the small shapes
     .venv/bin/python benchmarks/moe_layer.py --smoke    # tiny shapes, seconds (CI smoke)
+
+Under `--compiled`, transformers' fastest implementation (`grouped_mm`) and the patched block are each
+compiled once with their implementation fixed (the patched block with fullgraph=True; transformers' own
+compiles with graph breaks allowed) and timed beside the eager ones.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +33,11 @@ import moeplug
 SHAPES = {  # name: (experts, top_k, hidden, expert width, tokens)
     "mixtral-like E8/k2": (8, 2, 512, 1024, 2048),
     "fine-grained E64/k8": (64, 8, 512, 128, 2048),
+    "demo E8/k2 (make demo-moe block, 8x128 tokens)": (8, 2, 128, 192, 1024),
+    "decode-like E8/k2, 64 tokens": (8, 2, 512, 1024, 64),
 }
+# Shapes small enough to compile (inductor's code generation takes tens of seconds per shape here).
+COMPILED_SHAPES = ("demo E8/k2 (make demo-moe block, 8x128 tokens)", "decode-like E8/k2, 64 tokens")
 SMOKE_SHAPES = {"smoke E4/k2": (4, 2, 32, 48, 64)}
 # batched_mm copies one expert weight per (token, choice): skip it when that copy exceeds this.
 BATCHED_MM_LIMIT_BYTES = 8 * 2**30
@@ -61,16 +71,25 @@ def _moe_model(experts: int, top_k: int, hidden: int, width: int) -> transformer
     return model.train()
 
 
-def _block_step(model, impl: str | None, x, grad):
-    """One forward + backward of the model's MoE block, with transformers' `impl` (None: as patched)."""
+def _block_step(model, impl: str | None, x, grad, compiled: bool = False):
+    """One forward + backward of the model's MoE block, with transformers' `impl` (None: as patched).
+
+    `compiled`: the block under torch.compile (inductor), its implementation fixed once (switching it
+    per step would recompile); fullgraph for the patched block, graph breaks allowed for transformers'.
+    """
     block = model.model.layers[0].mlp
+    run = block
+    if compiled:
+        if impl is not None:
+            model.set_experts_implementation(impl)
+        run = torch.compile(block, fullgraph=impl is None)
 
     def step():
-        if impl is not None:
+        if impl is not None and not compiled:
             model.set_experts_implementation(impl)
         block.zero_grad(set_to_none=True)
         x.grad = None
-        block(x).backward(grad)
+        run(x).backward(grad)
     return step
 
 
@@ -88,8 +107,8 @@ def _roof_step(tokens_k: int, hidden: int, width: int):
 
 
 def run_shape(name: str, experts: int, top_k: int, hidden: int, width: int, tokens: int,
-              warmup: int, repeats: int) -> dict:
-    """Time every implementation on one shape; returns seconds per step and ratios."""
+              warmup: int, repeats: int, compiled: bool = False) -> dict:
+    """Time every implementation on one shape (and compiled ones if asked); seconds per step and ratios."""
     model = _moe_model(experts, top_k, hidden, width)
     patched = copy.deepcopy(model)
     moeplug.patch_model(patched)
@@ -102,34 +121,48 @@ def run_shape(name: str, experts: int, top_k: int, hidden: int, width: int, toke
             continue  # would gather ~copy_bytes of expert weights per step (out of memory here)
         steps[impl] = _block_step(model, impl, x, grad)
     steps["moeplug"] = _block_step(patched, None, x, grad)
+    if compiled:
+        steps["grouped_mm compiled"] = _block_step(copy.deepcopy(model), "grouped_mm", x, grad, compiled=True)
+        steps["moeplug compiled"] = _block_step(copy.deepcopy(patched), None, x, grad, compiled=True)
     steps["dense roof"] = _roof_step(tokens * top_k, hidden, width)
     seconds = {"batched_mm": None, **_median_times(steps, warmup, repeats)}
     ours = seconds["moeplug"]
-    return {
+    result = {
         "shape": name, "experts": experts, "top_k": top_k, "hidden": hidden, "width": width, "tokens": tokens,
         "seconds_per_step": seconds,
         "tokens_per_s": {k: (tokens / v if v else None) for k, v in seconds.items()},
-        "moeplug_speedup_vs": {k: (v / ours if v else None) for k, v in seconds.items() if k != "moeplug"},
+        "moeplug_speedup_vs": {k: (v / ours if v else None) for k, v in seconds.items()
+                               if k != "moeplug" and "compiled" not in k},
         "fraction_of_roof": seconds["dense roof"] / ours,
     }
+    if compiled:
+        result["compiled_moeplug_speedup_vs_compiled_grouped_mm"] = (
+            seconds["grouped_mm compiled"] / seconds["moeplug compiled"])
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for CI")
+    parser.add_argument("--compiled", action="store_true",
+                        help=f"also time torch.compile'd blocks on {', '.join(COMPILED_SHAPES)}")
+    parser.add_argument("--only", nargs="+", choices=list(SHAPES), help="run only these shapes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "moe_layer.json")
     args = parser.parse_args()
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
-    results = [run_shape(name, *shape, args.warmup, args.repeats) for name, shape in shapes.items()]
+    shapes = SMOKE_SHAPES if args.smoke else {n: s for n, s in SHAPES.items() if not args.only or n in args.only}
+    results = [run_shape(name, *shape, args.warmup, args.repeats,
+                         compiled=args.compiled and (args.smoke or name in COMPILED_SHAPES))
+               for name, shape in shapes.items()]
     for r in results:
         times = ", ".join(f"{k} {v * 1e3:.0f} ms" if v else f"{k} skipped" for k, v in r["seconds_per_step"].items())
         print(f"{r['shape']}: {times}; moeplug = {r['fraction_of_roof']:.0%} of roof; speedup "
               + ", ".join(f"{v:.2f}x vs {k}" for k, v in r["moeplug_speedup_vs"].items() if v))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "repeats": args.repeats}
+            "machine": platform.machine(), "processor": platform.processor(), "repeats": args.repeats,
+            "command": "python benchmarks/moe_layer.py " + " ".join(sys.argv[1:])}
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"wrote {args.out}")
 

@@ -4,7 +4,7 @@
 and up tiles side by side and writes only ``silu(gate) * up``, so the ``[S, 2I]`` projection is neither
 written nor saved for backward (the backward recomputes it, one extra GEMM, as activation checkpointing
 would). :func:`grouped_gated_mlp` chains it with the down projection, gates and scatter of ``grouped_mm``.
-Both are differentiable w.r.t. inputs and weights; ``moeplug_kernels::grouped_swiglu`` is a custom op with
+Both are differentiable w.r.t. inputs and weights; ``moeplug_kernels::grouped_swiglu`` is a torch op with
 a fake implementation, so ``torch.compile`` traces it.
 
 Layout: Hugging Face stores an expert's fused projection as ``gate_up_proj [E, 2I, H]`` (gate rows first,
@@ -15,7 +15,8 @@ as ``chunk(2, dim=-1)`` splits the product); pass ``gate_up_proj.transpose(1, 2)
 import torch
 
 from . import backend
-from .grouped_gemm import _LIB, _grouped_mm_op, _validate, gemm_input_grads, grouped_mm, reference_forward
+from ._ops import define_op
+from .grouped_gemm import _grouped_mm_op, _validate, gemm_input_grads, grouped_mm, reference_forward
 
 
 def grouped_swiglu(x, gate_up_weight, expert_offsets, *, gather_index=None) -> torch.Tensor:
@@ -32,7 +33,7 @@ def grouped_swiglu(x, gate_up_weight, expert_offsets, *, gather_index=None) -> t
     _validate(x, gate_up_weight, expert_offsets, gather_index, None, None)
     if gate_up_weight.shape[2] % 2:
         raise ValueError(f"gate_up_weight's last dim must be 2I (gate then up), got {gate_up_weight.shape[2]}")
-    return torch.ops.moeplug_kernels.grouped_swiglu(x, gate_up_weight, expert_offsets, gather_index)
+    return _GroupedSwiGLU.apply(x, gate_up_weight, expert_offsets, gather_index)
 
 
 def grouped_gated_mlp(
@@ -58,10 +59,7 @@ def reference_swiglu(x, gate_up_weight, offsets, gather_index=None) -> torch.Ten
     return torch.nn.functional.silu(gate).mul_(up)
 
 
-@torch.library.custom_op(f"{_LIB}::grouped_swiglu", mutates_args=())
-def _grouped_swiglu_op(
-    x: torch.Tensor, weight: torch.Tensor, expert_offsets: torch.Tensor, gather_index: torch.Tensor | None
-) -> torch.Tensor:
+def _swiglu_impl(x, weight, expert_offsets, gather_index):
     if backend.use_triton(x.device):
         from . import _grouped_gemm_triton
 
@@ -69,28 +67,38 @@ def _grouped_swiglu_op(
     return reference_swiglu(x, weight, expert_offsets, gather_index)
 
 
-@_grouped_swiglu_op.register_fake
-def _(x, weight, expert_offsets, gather_index):
+def _swiglu_fake(x, weight, expert_offsets, gather_index):
     rows = x.shape[0] if gather_index is None else gather_index.shape[0]
     return x.new_empty(rows, weight.shape[2] // 2)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+_grouped_swiglu_op = define_op(
+    "grouped_swiglu(Tensor x, Tensor weight, Tensor expert_offsets, Tensor? gather_index) -> Tensor",
+    _swiglu_impl, _swiglu_fake)
 
 
-def _backward(ctx, grad_h):
-    x, weight, offsets, gather_index = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[:2]
-    # Recompute the projection instead of having saved it: saving [S, 2I] is what the fusion avoids.
-    gate, up = _grouped_mm_op(x, weight, offsets, gather_index, None, None).chunk(2, dim=1)
-    sig = torch.sigmoid(gate)
-    d_gate = grad_h * up * sig * (1 + gate * (1 - sig))  # silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
-    d_up = grad_h * gate * sig
-    grad_x, grad_w, _ = gemm_input_grads(
-        x, weight, offsets, gather_index, None, None, torch.cat([d_gate, d_up], dim=1), need_x, need_w, False
-    )
-    return grad_x, grad_w, None, None
+class _GroupedSwiGLU(torch.autograd.Function):
+    """Differentiates the fused op (see ``kernels.grouped_gemm._GroupedMM`` for why an autograd.Function)."""
 
+    @staticmethod
+    def forward(x, weight, offsets, gather_index):
+        return _grouped_swiglu_op(x, weight, offsets, gather_index)
 
-_grouped_swiglu_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_h):
+        x, weight, offsets, gather_index = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        # Recompute the projection instead of having saved it: saving [S, 2I] is what the fusion avoids.
+        gate, up = _grouped_mm_op(x, weight, offsets, gather_index, None, None).chunk(2, dim=1)
+        sig = torch.sigmoid(gate)
+        d_gate = grad_h * up * sig * (1 + gate * (1 - sig))  # silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
+        d_up = grad_h * gate * sig
+        grad_x, grad_w, _ = gemm_input_grads(
+            x, weight, offsets, gather_index, None, None, torch.cat([d_gate, d_up], dim=1), need_x, need_w, False
+        )
+        return grad_x, grad_w, None, None
+

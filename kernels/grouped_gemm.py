@@ -1,9 +1,10 @@
 """Grouped GEMM for MoE experts, ScatterMoE style: scattered read, grouped or scattered write, fused gates.
 
-Public entry point: :func:`grouped_mm`. It is a ``torch.library`` custom op (``moeplug_kernels::grouped_mm``)
-with a fake implementation, so ``torch.compile`` traces through it, and it is differentiable w.r.t. ``x``,
-``weight`` and ``gates``. Each call runs the Triton kernel or the plain-torch reference below, as
-:mod:`kernels.backend` decides (CUDA tensors -> Triton, CPU tensors -> torch).
+Public entry point: :func:`grouped_mm`, differentiable w.r.t. ``x``, ``weight`` and ``gates``. Its forward
+and backward run torch operators (``moeplug_kernels::grouped_mm`` and ``::grouped_mm_weight_grad``, see
+:mod:`kernels._ops`) with fake implementations, so ``torch.compile`` and ``torch.export`` trace through it.
+Each call runs the Triton kernel or the plain-torch reference below, as :mod:`kernels.backend` decides
+(CUDA tensors -> Triton, CPU tensors -> torch).
 
 Row vocabulary: ``x`` has M *token rows*; the op works on S *grouped rows* sorted by expert, where expert
 e owns grouped rows ``[expert_offsets[e-1], expert_offsets[e])``. Grouped row s reads token row
@@ -13,8 +14,7 @@ e owns grouped rows ``[expert_offsets[e-1], expert_offsets[e])``. Grouped row s 
 import torch
 
 from . import backend
-
-_LIB = "moeplug_kernels"
+from ._ops import define_op
 
 
 def grouped_mm(
@@ -47,7 +47,7 @@ def grouped_mm(
         ``[S, N]`` tensor of ``x``'s dtype, in grouped order, or in scattered order if ``scatter_index``.
     """
     _validate(x, weight, expert_offsets, gather_index, scatter_index, gates)
-    return torch.ops.moeplug_kernels.grouped_mm(x, weight, expert_offsets, gather_index, scatter_index, gates)
+    return _GroupedMM.apply(x, weight, expert_offsets, gather_index, scatter_index, gates)
 
 
 def _validate(x, weight, offsets, gather_index, scatter_index, gates) -> None:
@@ -76,9 +76,10 @@ def _validate(x, weight, offsets, gather_index, scatter_index, gates) -> None:
     # Checking offset values reads them, which would synchronise a GPU stream or break a torch.compile
     # trace (data-dependent): only do it for CPU tensors in eager mode.
     if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
-        if bool((offsets.diff() < 0).any()) or int(offsets[0]) < 0:
-            raise ValueError(f"expert_offsets must be non-decreasing and >= 0, got {offsets.tolist()}")
-        if int(offsets[-1]) != num_rows:
+        # One host read for all three conditions; the message is only built on failure.
+        if bool((offsets.diff() < 0).any() | (offsets[0] < 0) | (offsets[-1] != num_rows)):
+            if bool((offsets.diff() < 0).any()) or int(offsets[0]) < 0:
+                raise ValueError(f"expert_offsets must be non-decreasing and >= 0, got {offsets.tolist()}")
             raise ValueError(
                 f"expert_offsets[-1] = {int(offsets[-1])} must equal the number of grouped rows S = {num_rows} "
                 "(len(gather_index), or x.shape[0] when gather_index is None)"
@@ -144,16 +145,8 @@ def reference_weight_grad(x, dy, offsets, x_index=None, dy_index=None, gates=Non
     return dw.transpose(1, 2) if transposed else dw
 
 
-# --------------------------------------------------------------------------------------------- custom ops
-@torch.library.custom_op(f"{_LIB}::grouped_mm", mutates_args=())
-def _grouped_mm_op(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    expert_offsets: torch.Tensor,
-    gather_index: torch.Tensor | None,
-    scatter_index: torch.Tensor | None,
-    gates: torch.Tensor | None,
-) -> torch.Tensor:
+# -------------------------------------------------------------------------------------------------- ops
+def _forward_impl(x, weight, expert_offsets, gather_index, scatter_index, gates):
     if backend.use_triton(x.device):
         # Imported on first use: Triton decides interpreted vs compiled when the kernels are defined.
         from . import _grouped_gemm_triton
@@ -162,22 +155,17 @@ def _grouped_mm_op(
     return reference_forward(x, weight, expert_offsets, gather_index, scatter_index, gates)
 
 
-@_grouped_mm_op.register_fake
-def _(x, weight, expert_offsets, gather_index, scatter_index, gates):
+def _forward_fake(x, weight, expert_offsets, gather_index, scatter_index, gates):
     rows = x.shape[0] if gather_index is None else gather_index.shape[0]
     return x.new_empty(rows, weight.shape[2])
 
 
-@torch.library.custom_op(f"{_LIB}::grouped_mm_weight_grad", mutates_args=())
-def _weight_grad_op(
-    x: torch.Tensor,
-    dy: torch.Tensor,
-    expert_offsets: torch.Tensor,
-    x_index: torch.Tensor | None,
-    dy_index: torch.Tensor | None,
-    gates: torch.Tensor | None,
-    transposed: bool,
-) -> torch.Tensor:
+_grouped_mm_op = define_op(
+    "grouped_mm(Tensor x, Tensor weight, Tensor expert_offsets, Tensor? gather_index, Tensor? scatter_index, "
+    "Tensor? gates) -> Tensor", _forward_impl, _forward_fake)
+
+
+def _weight_grad_impl(x, dy, expert_offsets, x_index, dy_index, gates, transposed):
     if backend.use_triton(x.device):
         from . import _grouped_gemm_triton
 
@@ -185,27 +173,39 @@ def _weight_grad_op(
     return reference_weight_grad(x, dy, expert_offsets, x_index, dy_index, gates, transposed)
 
 
-@_weight_grad_op.register_fake
-def _(x, dy, expert_offsets, x_index, dy_index, gates, transposed):
+def _weight_grad_fake(x, dy, expert_offsets, x_index, dy_index, gates, transposed):
     e, k, n = expert_offsets.shape[0], x.shape[1], dy.shape[1]
     return x.new_empty(e, n, k).transpose(1, 2) if transposed else x.new_empty(e, k, n)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    x, weight, offsets, gather_index, scatter_index, gates = inputs
-    ctx.save_for_backward(x, weight, offsets, gather_index, scatter_index, gates)
+_weight_grad_op = define_op(
+    "grouped_mm_weight_grad(Tensor x, Tensor dy, Tensor expert_offsets, Tensor? x_index, Tensor? dy_index, "
+    "Tensor? gates, bool transposed) -> Tensor", _weight_grad_impl, _weight_grad_fake)
 
 
-def _backward(ctx, grad_out):
-    need_x, need_w, _, _, _, need_gates = ctx.needs_input_grad
-    grads = gemm_input_grads(*ctx.saved_tensors, grad_out, need_x, need_w, need_gates)
-    return grads[0], grads[1], None, None, None, grads[2]
+class _GroupedMM(torch.autograd.Function):
+    """Differentiates the op (an autograd.Function: ~4x less per-call host time than an autograd kernel
+    registered with ``torch.library.register_autograd``; torch.compile traces it all the same)."""
+
+    @staticmethod
+    def forward(x, weight, offsets, gather_index, scatter_index, gates):
+        return _grouped_mm_op(x, weight, offsets, gather_index, scatter_index, gates)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        need_x, need_w, _, _, _, need_gates = ctx.needs_input_grad
+        grads = gemm_input_grads(*ctx.saved_tensors, grad_out, need_x, need_w, need_gates)
+        return grads[0], grads[1], None, None, None, grads[2]
 
 
 def gemm_input_grads(x, weight, offsets, gather_index, scatter_index, gates, grad_out, need_x, need_w, need_gates):
     """Gradients of :func:`grouped_mm`'s output w.r.t. ``(x, weight, gates)``, ``None`` where not needed.
 
-    Runs on the same custom ops (so on the same backend, and traceable): the input gradient is the forward
+    Runs on the same ops (so on the same backend, and traceable): the input gradient is the forward
     kernel with the transposed weight reading ``grad_out`` through ``scatter_index``; the gate gradient
     falls out of that product for free (``<dy, x W> = <dy Wᵀ, x>``); the weight gradient is groupXtY.
     """
@@ -228,5 +228,3 @@ def gemm_input_grads(x, weight, offsets, gather_index, scatter_index, gates, gra
         grad_w = _weight_grad_op(x, grad_out, offsets, gather_index, scatter_index, gates, transposed)
     return grad_x, grad_w, grad_gates
 
-
-_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
