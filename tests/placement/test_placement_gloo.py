@@ -12,13 +12,13 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import moeplug
 from moeplug.dispatch import allreduce_gradients, count_traffic, expert_parallel_parameters
 from moeplug.placement import (Placement, apply_placement, current_placement, load_placed_checkpoint,
                                rank_load, record_routing, save_placed_checkpoint, standard_cost)
 from moeplug.tiny import tiny_model
+from tests.launch import spawn
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 WORLD = 2
@@ -135,7 +135,7 @@ def test_placed_model_matches_unplaced_and_cost_model_counts_rows(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     path = str(tmp_path / "result")
-    mp.spawn(_worker, args=(port, path), nprocs=WORLD, join=True)
+    spawn(_worker, WORLD, (port, path))
     all_results = [torch.load(f"{path}.{rank}") for rank in range(WORLD)]
     # The check below can fail: the rows the contiguous layout would send differ from the plan's.
     assert any(r["plain"]["predicted"] != r["plain"]["predicted_contiguous"] for r in all_results)
@@ -187,7 +187,7 @@ def test_data_and_expert_parallel_placed_model_matches_transformers(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     path = str(tmp_path / "result")
-    mp.spawn(_dp_ep_worker, args=(port, world, path), nprocs=world, join=True)
+    spawn(_dp_ep_worker, world, (port, world, path))
     # Oracle: transformers' unpatched model on every rank's batch; the objective is the mean of the losses.
     reference = tiny_model("mixtral").train()
     ref_logits = []
