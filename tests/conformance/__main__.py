@@ -25,7 +25,7 @@ from pathlib import Path
 
 from moeplug.hf import SUPPORTED_FAMILIES
 from tests.conformance import allowlist, sdist
-from tests.conformance.report import MODES, compare, counts, markdown
+from tests.conformance.report import MODES, compare, counts, dumps, markdown, slim
 
 REPO = Path(__file__).resolve().parents[2]
 FAMILIES = SUPPORTED_FAMILIES
@@ -125,7 +125,8 @@ def main(argv=None) -> int:
                     fam = {"error": f"{mode}: {result['error']}"}
                     failed_run = True
                     break
-                fam[mode] = {"counts": counts(result["tests"]), "seconds": result["seconds"], "tests": result["tests"]}
+                fam[mode] = {"counts": counts(result["tests"]), "seconds": result["seconds"],
+                             "tests": slim(result["tests"], mode)}
                 print(f"{fam[mode]['counts']} in {result['seconds']} s", flush=True)
             if "eager" in fam and "patched" in fam:
                 fam.update(compare(fam["eager"]["tests"], fam["patched"]["tests"]))
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.write_text(dumps(report))
     out.with_suffix(".md").write_text(markdown(report))
     n = sum(len(fam.get("regressions", [])) for fam in report["families"].values())
     print(f"conformance: {n} regression(s); wrote {out} and {out.with_suffix('.md')} "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tests.conformance import allowlist
 
 MODES = ("eager", "patched")
@@ -73,3 +75,34 @@ def markdown(report: dict) -> str:
     for family, error in errors:
         lines += ["", f"**{family}: the run failed:** ```{error}```"]
     return "\n".join(lines) + "\n"
+
+
+def slim(tests: dict, mode: str) -> dict:
+    """Per-test records as stored in the report: durations only above 2 s, no patch count in eager mode."""
+    out = {}
+    for name, record in tests.items():
+        record = dict(record)
+        if record.get("seconds", 0) <= 2:
+            record.pop("seconds", None)
+        if mode == "eager":
+            record.pop("patched_models", None)
+        if "reason" in record:
+            record["reason"] = record["reason"][:120]
+        out[name] = record
+    return out
+
+
+def dumps(report: dict) -> str:
+    """JSON with one line per leaf object or list (a test record), so the file stays small and diffs readable."""
+    return _dump(report, 0) + "\n"
+
+
+def _dump(value, depth: int) -> str:
+    if isinstance(value, dict) and any(isinstance(v, (dict, list)) for v in value.values()):
+        pad = " " * (depth + 1)
+        items = [f"{pad}{json.dumps(k)}: {_dump(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
+    if isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        pad = " " * (depth + 1)
+        return "[\n" + ",\n".join(pad + _dump(v, depth + 1) for v in value) + "\n" + " " * depth + "]"
+    return json.dumps(value)

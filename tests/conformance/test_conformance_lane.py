@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conformance import allowlist, sdist
-from tests.conformance.report import compare, markdown
+from tests.conformance.report import compare, dumps, markdown, slim
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -50,6 +50,17 @@ def test_markdown_lists_each_regression_with_its_error():
     text = markdown(report)
     assert "| mixtral | 2 / 0 / 1 | 1 / 1 / 1 | 1 | 0 |" in text
     assert "| mixtral | `test_a` | ValueError: a \\| b | `w.py:3` | `–` |" in text
+
+
+def test_report_json_is_one_line_per_test_and_round_trips():
+    tests = {"test_a": {"outcome": "passed", "seconds": 0.5, "patched_models": 0},
+             "test_b": {"outcome": "failed", "seconds": 3.0, "error": "E: {x}", "patched_models": 1}}
+    report = {"families": {"mixtral": {"eager": {"tests": slim(tests, "eager")},
+                                       "patched": {"tests": slim(tests, "patched")}}}}
+    assert report["families"]["mixtral"]["eager"]["tests"]["test_a"] == {"outcome": "passed"}
+    text = dumps(report)
+    assert json.loads(text) == report
+    assert '"test_b": {"outcome": "failed", "seconds": 3.0, "error": "E: {x}", "patched_models": 1}' in text
 
 
 def test_offline_without_cache_fails_with_a_clear_message(monkeypatch, tmp_path):
