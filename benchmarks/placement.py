@@ -162,7 +162,11 @@ def measure(args, model, chosen: dict[str, Placement], held_out) -> dict:
     # Held-out text, a different batch per rank and step (the first step of each warms up).
     steps = batches(held_out, args, 3, (args.measure_steps + 1) * RANKS // len(held_out) + 1)
     ids = [steps[r::RANKS][: args.measure_steps + 1] for r in range(RANKS)]
-    mp.spawn(_measure_worker, args=(port, args, str(state_path), tables, ids, str(result_path)), nprocs=RANKS)
+    # Workers fork from a server that imported torch/transformers/moeplug once (4 fresh interpreters
+    # importing them cost ~70 s on a loaded 2-core machine; see tests/launch.py).
+    mp.get_context("forkserver").set_forkserver_preload(["torch", "transformers", "moeplug", "global_balance"])
+    mp.start_processes(_measure_worker, args=(port, args, str(state_path), tables, ids, str(result_path)),
+                       nprocs=RANKS, start_method="forkserver")
     found = torch.load(result_path)
     return {key: {"step_s": statistics.median(t[1:]), "cross_rank_rows_per_step": statistics.mean(found["rows"][key][1:])}
             for key, t in found["times"].items()}
