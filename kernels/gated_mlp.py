@@ -81,12 +81,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
     """Differentiates the fused op (see ``kernels.grouped_gemm._GroupedMM`` for why an autograd.Function)."""
 
     @staticmethod
-    def forward(x, weight, offsets, gather_index):
+    def forward(ctx, x, weight, offsets, gather_index):
+        ctx.save_for_backward(x, weight, offsets, gather_index)
         return _grouped_swiglu_op(x, weight, offsets, gather_index)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_h):
