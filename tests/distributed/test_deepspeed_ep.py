@@ -13,6 +13,7 @@ cases, including the error cases, in one set of processes.
 from __future__ import annotations
 
 import os
+import socket
 import warnings
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch.distributed as dist
 
 import moeplug
 from moeplug.tiny import tiny_model
+from tests import launch
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(600)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -181,8 +183,11 @@ def _worker(rank: int, port: int, world: int, path: str) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_deepspeed_zero_with_expert_parallelism_matches_plain_training(tmp_path, spawn, world):
-    spawn(_worker, world, world, str(tmp_path / "result"))
+def test_deepspeed_zero_with_expert_parallelism_matches_plain_training(tmp_path, world):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch.spawn(_worker, world, (port, world, str(tmp_path / "result")))  # preloaded fork server
     results = [torch.load(tmp_path / f"result.{rank}") for rank in range(world)]
     ref_losses, ref_weights = reference_run(world)
     initial = dict(_model().named_parameters())
