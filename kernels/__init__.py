@@ -8,10 +8,13 @@ from .backend import use_backend
 from .fp8 import FP8_MAX, dequantize_fp8, dequantize_fp8_expanded, quantize_fp8, quantize_fp8_expanded
 from .gated_mlp import grouped_gated_mlp, grouped_swiglu
 from .grouped_gemm import grouped_mm
-from .lora import lora_expand, lora_shrink
+from .lora import LoRASegments, PagedLoRA, add_lora, lora_expand, lora_shrink
 
 __all__: list[str] = [
     "FP8_MAX",
+    "LoRASegments",
+    "PagedLoRA",
+    "add_lora",
     "dequantize_fp8",
     "dequantize_fp8_expanded",
     "grouped_gated_mlp",

@@ -1,7 +1,7 @@
 """Triton kernels behind :func:`kernels.lora.lora_shrink` and :func:`kernels.lora.lora_expand`.
 
-The launcher sorts the batch's rows by adapter (one ``argsort``; base-model rows with adapter -1 sort first
-and are left out) and tiles each adapter's rows into blocks, so every program serves rows of ONE adapter and
+The launcher takes the batch's rows sorted by adapter from its ``LoRASegments`` (built once per step; base-model
+rows with adapter -1 come first and are left out) and tiles each adapter's rows into blocks, so every program serves rows of ONE adapter and
 can use ``tl.dot``: a prefill segment fills whole blocks (MBGMM), a decode batch of mixed adapters gets
 one small block per adapter (MBGMV). Adapter weights are read straight from the paged pool: element k of
 rank-row j lives at ``pool[table[a, j*c + k // D], k % D]``. Work stops at each adapter's own rank (rank
@@ -118,42 +118,27 @@ def _expand(
     tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=out_mask)
 
 
-# The last batch's segments: (row_adapter, its version counter, num_adapters, row_order, ends).
-_last_segments: tuple | None = None
+def _segment_launch(segments, block_m: int):
+    """What both kernels launch with: ``(row_order, ends, row-axis programs, SEGMENTS_POW2)``.
 
-
-def _segments(row_adapter: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows sorted by adapter, and the ends of the segments: base-model rows (-1) first, then each adapter's.
-
-    A serving step passes one ``row_adapter`` tensor to the shrink and expand of every adapted linear, so
-    the last result is reused while the same tensor, unmodified (its version counter), comes back: four
-    torch ops per launch cost more host time than a decode step's LoRA kernels (measured on an H200).
+    ``segments`` (a :class:`kernels.lora.LoRASegments`) builds its device tensors once per batch: a serving
+    step hands the same object to the shrink and expand of every adapted linear, so the rows are sorted once
+    per step, not once per launch (four torch ops per launch cost more host time than a decode step's LoRA
+    kernels, measured on an H200).
     """
-    global _last_segments
-    last = _last_segments
-    if last is not None and last[0] is row_adapter and last[1] == row_adapter._version and last[2] == num_adapters:
-        return last[3], last[4]
-    row_order = torch.argsort(row_adapter, stable=True)
-    ends = torch.bincount(row_adapter.long() + 1, minlength=num_adapters + 1).cumsum(0)
-    _last_segments = (row_adapter, row_adapter._version, num_adapters, row_order, ends)
-    return row_order, ends
+    ends = segments.ends
+    programs = located_blocks(segments.num_rows, ends.shape[0], block_m)
+    return segments.row_order, ends, programs, triton.next_power_of_2(ends.shape[0])
 
 
-def _segment_launch(row_adapter: torch.Tensor, num_adapters: int, block_m: int):
-    """What both kernels launch with: ``(row_order, ends, row-axis programs, SEGMENTS_POW2)``."""
-    row_order, ends = _segments(row_adapter, num_adapters)
-    programs = located_blocks(row_adapter.shape[0], ends.shape[0], block_m)
-    return row_order, ends, programs, triton.next_power_of_2(ends.shape[0])
-
-
-def shrink(x, pool, a_table, ranks, row_adapter) -> torch.Tensor:
-    """Triton ``lora_shrink``; same arguments and result as ``lora.reference_shrink``."""
+def shrink(x, pool, a_table, ranks, segments) -> torch.Tensor:
+    """Triton ``lora_shrink``; same arguments and result as ``_lora_torch.shrink``."""
     chunks = math.ceil(x.shape[1] / pool.shape[1])
     v = x.new_zeros(x.shape[0], a_table.shape[1] // chunks)
     if a_table.shape[0] == 0 or x.shape[0] == 0:
         return v
     cfg = dict(launch_config(SHRINK_CONFIGS, x.device))
-    row_order, ends, row_blocks, segments_pow2 = _segment_launch(row_adapter, a_table.shape[0], cfg["BLOCK_M"])
+    row_order, ends, row_blocks, segments_pow2 = _segment_launch(segments, cfg["BLOCK_M"])
     grid = (row_blocks, triton.cdiv(v.shape[1], cfg["BLOCK_R"]))
     _shrink[grid](
         x, pool, a_table, ranks, v, row_order, ends, ends.shape[0],
@@ -164,12 +149,12 @@ def shrink(x, pool, a_table, ranks, row_adapter) -> torch.Tensor:
     return v
 
 
-def expand(y, v, pool, b_table, ranks, scales, row_adapter) -> torch.Tensor:
-    """Triton ``lora_expand`` (in place on ``y``); same arguments and result as ``lora.reference_expand``."""
+def expand(y, v, pool, b_table, ranks, scales, segments) -> torch.Tensor:
+    """Triton ``lora_expand`` (in place on ``y``); same arguments and result as ``_lora_torch.expand``."""
     if b_table.shape[0] == 0 or y.shape[0] == 0:
         return y
     cfg = dict(launch_config(EXPAND_CONFIGS, y.device))
-    row_order, ends, row_blocks, segments_pow2 = _segment_launch(row_adapter, b_table.shape[0], cfg["BLOCK_M"])
+    row_order, ends, row_blocks, segments_pow2 = _segment_launch(segments, cfg["BLOCK_M"])
     grid = (row_blocks, triton.cdiv(y.shape[1], cfg["BLOCK_N"]))
     _expand[grid](
         y, v, pool, b_table, ranks, scales, row_order, ends, ends.shape[0],

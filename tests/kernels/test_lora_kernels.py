@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kernels import lora_expand, lora_shrink, use_backend
+from kernels import LoRASegments, PagedLoRA, add_lora, lora_expand, lora_shrink, use_backend
 
 K_DIM, N_DIM, SLOT_WIDTH = 100, 33, 16  # both span several 16-wide slots, the last one partly
 RANKS = [1, 8, 16, 64, 8]  # adapter 4 gets no rows in any batch below
@@ -116,7 +116,7 @@ def test_triton_finds_each_segment_among_many_adapters(device):
 
 
 def test_triton_sees_row_adapter_changed_in_place(device):
-    # The kernels reuse the segments of the last row_adapter tensor; an in-place change must be seen.
+    # A row_adapter tensor is grouped per call (nothing is cached across calls): an in-place change is seen.
     paged = make_paged_adapters(RANKS, torch.float32, device)[:5]
     x, y, row_adapter = make_batch(40, "mixed", torch.float32, device)
     with use_backend("triton"):
@@ -173,3 +173,52 @@ def test_bad_input_names_value_and_expectation():
     v = lora_shrink(x, pool, a_table, ranks, row_adapter)
     with pytest.raises(ValueError, match=r"v must be \[T=7, R>=64\]"):
         lora_expand(y, v[:, :8], pool, b_table, ranks, scales, row_adapter)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "mixed"])
+def test_segments_from_host_rows_equal_those_from_a_tensor(packed, device):
+    rows = torch.randint(-1, 5, (40,), generator=torch.Generator().manual_seed(4))
+    rows = rows.sort().values if packed else rows
+    host, tensor = LoRASegments(rows.tolist(), 6, device), LoRASegments(rows.to(device), 6)
+    assert host.packed == tensor.packed == packed
+    assert host.runs == tensor.runs
+    assert [a for a, _, _ in host.runs] == sorted(set(rows.tolist()) - {-1})
+    assert torch.equal(host.row_order, tensor.row_order) and torch.equal(host.ends, tensor.ends)
+    assert host.ends.tolist()[-1] == 40 and host.ends.shape == (7,)
+    for adapter, start, stop in host.runs:  # a run's positions are exactly that adapter's rows
+        assert rows[host.row_order[start:stop].cpu()].eq(adapter).all()
+    with pytest.raises(ValueError, match=r"row_adapter values must lie in \[-1, 5\], got min -1 max 6"):
+        LoRASegments([-1, 6], 6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("scattered", [False, True], ids=["pool-views", "scattered-slots"])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "mixed"])
+def test_add_lora_over_paged_tables_matches_dense_peft_math(backend, scattered, packed, device):
+    """``PagedLoRA`` + ``add_lora`` (what a serving layer calls) per row against base + scale * x A^T B^T."""
+    gen = torch.Generator().manual_seed(5)
+    pool = torch.randn(600, SLOT_WIDTH, generator=gen)
+    tables = PagedLoRA(pool.to(device), K_DIM, N_DIM, capacity=5)
+    dense, first = {}, 0
+    for index, rank in enumerate([3, 16, 8]):  # index 3 and 4 stay empty
+        a, b = torch.randn(rank, K_DIM, generator=gen), torch.randn(N_DIM, rank, generator=gen)
+        slots = torch.arange(first, first + tables.slots_needed(rank))
+        first += slots.numel() + 7
+        slots = slots[torch.randperm(slots.numel(), generator=gen)] if scattered else slots
+        tables.pool[slots.to(device)] = tables.pack(a, b).to(device)
+        tables.set_adapter(index, slots, rank, scale=0.25 * (index + 1))
+        dense[index] = (a, b, 0.25 * (index + 1))
+    rows = torch.randint(-1, 3, (23,), generator=gen)
+    rows = rows.sort().values if packed else rows
+    x, y = torch.randn(23, K_DIM, generator=gen), torch.randn(23, N_DIM, generator=gen)
+    expected = y.clone()
+    for t, index in enumerate(rows.tolist()):
+        if index >= 0:
+            a, b, scale = dense[index]
+            expected[t] += scale * (x[t] @ a.t() @ b.t())
+    with use_backend(backend):
+        got = add_lora(y.to(device), x.to(device), tables, LoRASegments(rows.tolist(), 5, device))
+    torch.testing.assert_close(got.cpu(), expected, **TOL[torch.float32])
+    assert tables.num_set == 3 and tables.is_set(2) and not tables.is_set(3)
+    tables.clear_adapter(2)
+    assert tables.num_set == 2 and tables.adapter_weights(2) is None
