@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     import transformers
 
     start = time.perf_counter()
-    report = {"command": "python -m tests.conformance " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report = {"command": " ".join(["python -m tests.conformance", *(argv if argv is not None else sys.argv[1:])]),
               "transformers": transformers.__version__, "torch": torch.__version__,
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="

@@ -71,6 +71,17 @@ def markdown(report: dict) -> str:
             error = r.get("error", "").replace("|", "\\|")
             extra = f" ({r['reason']})" if r.get("reason") else ""
             lines.append(f"| {family} | `{r['test']}` | {error}{extra} | `{r.get('where', '')}` | `{r.get('ours', '–')}` |")
+    both: dict[tuple[str, str], list[str]] = {}
+    for family, fam in report["families"].items():
+        eager, patched = (fam.get(m, {}).get("tests", {}) for m in MODES)
+        for name, record in eager.items():
+            if record["outcome"] == "failed" and patched.get(name, {}).get("outcome") == "failed":
+                both.setdefault((name, record.get("error", "")), []).append(family)
+    if both:
+        lines += ["", "## Failing unpatched too (not regressions)", "", "| test | families | unpatched error |",
+                  "|---|---|---|"]
+        for (name, error), fams in sorted(both.items()):
+            lines.append(f"| `{name}` | {', '.join(fams)} | {error.replace('|', chr(92) + '|')} |")
     errors = [(family, fam["error"]) for family, fam in report["families"].items() if "error" in fam]
     for family, error in errors:
         lines += ["", f"**{family}: the run failed:** ```{error}```"]
