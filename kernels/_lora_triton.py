@@ -1,9 +1,9 @@
 """Triton kernels behind :func:`kernels.lora.lora_shrink` and :func:`kernels.lora.lora_expand`.
 
-The launcher takes the batch's rows sorted by adapter from its ``LoRASegments`` (built once per step; base-model
-rows with adapter -1 come first and are left out) and tiles each adapter's rows into blocks, so every program serves rows of ONE adapter and
-can use ``tl.dot``: a prefill segment fills whole blocks (MBGMM), a decode batch of mixed adapters gets
-one small block per adapter (MBGMV). Adapter weights are read straight from the paged pool: element k of
+The launcher takes the batch's rows sorted by adapter from its ``LoRASegments`` (built once per step;
+base-model rows with adapter -1 come first and are left out) and tiles each adapter's rows into blocks,
+so every program serves rows of ONE adapter and can use ``tl.dot``: a prefill segment fills whole blocks
+(MBGMM), a decode batch of mixed adapters gets one small block per adapter (MBGMV). Adapter weights are read straight from the paged pool: element k of
 rank-row j lives at ``pool[table[a, j*c + k // D], k % D]``. Work stops at each adapter's own rank (rank
 tiles past it exit at once; the expand loop runs to the rank), so no row pays for the largest rank.
 """

@@ -101,7 +101,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, weights: PagedLoRA, segments: LoR
             f"got {tuple(x.shape)} and {tuple(y.shape)}"
         )
     if (x.shape[1], y.shape[1]) != (weights.in_features, weights.out_features):
-        raise ValueError(f"weights are for {weights.in_features} -> {weights.out_features}, got {x.shape[1]} -> {y.shape[1]}")
+        raise ValueError(
+            f"weights are for {weights.in_features} -> {weights.out_features}, got {x.shape[1]} -> {y.shape[1]}"
+        )
     if segments.num_adapters > weights.capacity:
         raise ValueError(f"segments name {segments.num_adapters} adapters; the tables hold {weights.capacity}")
     if backend.use_triton(y.device):
@@ -181,8 +183,12 @@ class PagedLoRA:
 
     def set_adapter(self, index: int, slots: torch.Tensor, rank: int, scale: float) -> None:
         """Point index ``index`` at ``slots`` (host int64, laid out by ``pack``) for an adapter of ``rank``."""
-        if slots.numel() != self.slots_needed(rank) or (slots.numel() and not 0 <= int(slots.min()) <= int(slots.max()) < self.pool.shape[0]):
-            raise ValueError(f"an adapter of rank {rank} needs {self.slots_needed(rank)} slots in [0, {self.pool.shape[0]})")
+        in_pool = not slots.numel() or 0 <= int(slots.min()) <= int(slots.max()) < self.pool.shape[0]
+        if slots.numel() != self.slots_needed(rank) or not in_pool:
+            raise ValueError(
+                f"an adapter of rank {rank} needs {self.slots_needed(rank)} slots in [0, {self.pool.shape[0]}), "
+                f"got {slots.numel()}"
+            )
         self._ensure_rank_capacity(rank)
         split = rank * self.chunks_in
         self.a_table[index, :split] = slots[:split].to(self.a_table.device)
@@ -215,7 +221,7 @@ class PagedLoRA:
         ], scale
 
     def _rows(self, slots: torch.Tensor, rank: int) -> torch.Tensor:
-        """``[rank, chunks * D]`` view of the pool if ``slots`` is one ascending run, else the slots on the pool's device."""
+        """``[rank, chunks * D]`` view of the pool if ``slots`` is one ascending run, else the slots (pool's device)."""
         first = int(slots[0]) if slots.numel() else 0
         if torch.equal(slots, torch.arange(first, first + slots.numel(), dtype=slots.dtype, device=slots.device)):
             return self.pool.narrow(0, first, slots.numel()).view(rank, -1)
