@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from .engine import AdapterInfo, Engine
+from .engine import AdapterInfo, Engine, EngineStats
 from .request import RequestOutput
 from .sampling import SamplingParams
 
@@ -102,6 +102,34 @@ class AsyncEngine:
         """``Engine.remove_adapter`` off the event loop."""
         await asyncio.to_thread(self.engine.remove_adapter, name, abort_requests)
         self._wake.set()
+
+    # What a server needs from the engine, without reaching through ``.engine``.
+    @property
+    def tokenizer(self):
+        """The engine's tokenizer (None if it has none)."""
+        return self.engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """``Engine.vocab_size``."""
+        return self.engine.vocab_size
+
+    @property
+    def max_context(self) -> int | None:
+        """``Engine.max_context``."""
+        return self.engine.max_context
+
+    def has_adapter(self, name: str) -> bool:
+        """``Engine.has_adapter`` (does not wait for a running step)."""
+        return self.engine.has_adapter(name)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        """``Engine.list_adapters``; waits for a running step's lock, so call it off the event loop."""
+        return self.engine.list_adapters()
+
+    def stats(self) -> EngineStats:
+        """``Engine.stats``; waits for a running step's lock."""
+        return self.engine.stats()
 
     def close(self) -> None:
         """Stop the step loop (in-flight requests stay unfinished) and wait for the thread."""

@@ -170,7 +170,7 @@ def log_startup(engine: Engine, name: str) -> None:
     if len(adapters) > 10:
         logger.info("... and %d more (GET /v1/models lists all)", len(adapters) - 10)
     stats = engine.pool_stats()
-    per_token = engine.layout.slots_per_token
+    per_token = engine.runner.layout.slots_per_token
     logger.info("%s; one token of KV cache takes %d slots, so the empty pool holds %d tokens of KV; adapters "
                 "take slots on demand and are evicted LRU", stats, per_token, stats.free // per_token)
 

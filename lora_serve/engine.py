@@ -1,10 +1,12 @@
 """``Engine``: one base model, many LoRA adapters, continuous batching over one unified page pool.
 
 Each ``step()`` schedules a mixed batch (any adapters, base-model rows, prefill chunks and decodes),
-runs the Hugging Face model once on the packed tokens — paged attention and batched LoRA are plugged
-into the model's own modules — samples one token for every sequence that reached its end, and returns
-the per-request outputs. ``generate()`` drives steps until its requests finish; ``AsyncEngine``
-(``async_engine.py``) drives them from a background thread for streaming.
+has the ``ModelRunner`` (``model_runner.py``) run the Hugging Face model once on the packed tokens —
+paged attention and batched LoRA are plugged into the model's own modules — samples one token for every
+sequence that reached its end, and returns the per-request outputs. Adapters are the
+``AdapterManager``'s (``adapter_manager.py``); the engine owns the requests and the step loop.
+``generate()`` drives steps until its requests finish; ``AsyncEngine`` (``async_engine.py``) drives them
+from a background thread for streaming.
 
 Thread safety: ``submit`` and ``abort`` only queue work and may be called from any thread while another
 thread runs ``step``; adapter management and ``step`` serialise on one lock.
@@ -27,32 +29,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter_store import AdapterError, AdapterStore, LinearShape
+from .adapter_manager import AdapterInfo, AdapterManager
 from .config import EngineConfig
 from .detokenizer import Detokenizer
-from .kv_layout import KVLayout
-from .lora_layers import BatchedLoRALinear, LoRAContext, wrap_linear
 from .model_loading import load_base_model
-from .paged_attention import ATTENTION_NAME, BATCH_KWARG, AttentionBatch, ScheduledSequence
-from .pool import PagePool, PoolStats
+from .model_runner import ModelRunner
+from .pool import PoolStats
 from .request import Completion, Request, RequestOutput, RequestTooLargeError
-from .residency import AdapterResidency
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class AdapterInfo:
-    """A registered adapter as ``Engine.list_adapters`` reports it."""
-
-    name: str
-    path: str
-    max_rank: int
-    num_modules: int
-    pool_slots: int  # slots it takes when resident
-    resident: bool
-    pinned: bool
+__all__ = ["AdapterInUseError", "AdapterInfo", "Engine", "EngineStats"]
 
 
 @dataclass(frozen=True)
@@ -89,34 +78,17 @@ class Engine:
             raise TypeError(f"model must be a Hugging Face causal LM, a directory or a .gguf path, got {type(model)}")
         self.config = config
         self.tokenizer = tokenizer
-        self.model = model.to(device=config.device or model.device, dtype=config.dtype or model.dtype).eval()
-        self.model.set_attn_implementation(ATTENTION_NAME)
-
-        text = model.config.get_text_config()
-        width = text.hidden_size
-        head_dim = getattr(text, "head_dim", None) or width // text.num_attention_heads
-        dtype, device = self.model.dtype, self.model.device
-        self.layout = KVLayout(text.num_hidden_layers, text.num_key_value_heads * head_dim, width)
-        self.pool = PagePool(config.num_slots(width, dtype), width, dtype, device)
-        output_layer = model.get_output_embeddings()
-        linears = {
-            name: LinearShape(m.in_features, m.out_features)
-            for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and m is not output_layer
-        }
-        host_mb = config.adapter_host_mb
-        self.store = AdapterStore(linears, dtype, None if host_mb is None else int(host_mb * 2**20))
-        self._context = LoRAContext()
-        self._layers: dict[str, BatchedLoRALinear] = {}
-        self.residency = AdapterResidency(self.pool, self._layers, config.max_resident_adapters)
+        self.runner = ModelRunner(model, config)
+        self.adapters = AdapterManager(self.runner, config)
+        pool = self.runner.pool
         self.scheduler = Scheduler(
-            self.pool, self.layout, self.store, self.residency, config.max_batch_tokens, config.max_batch_size
-        )
+            pool, self.runner.layout, self.adapters.store, self.adapters.residency,
+            config.max_batch_tokens, config.max_batch_size,
+        )  # fmt: skip
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         if eos is None and tokenizer is not None:
             eos = tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
-        self.max_context = getattr(text, "max_position_embeddings", None)
 
         self._lock = threading.RLock()
         self._inbox: deque[Request] = deque()  # deque append/popleft are atomic: safe across threads
@@ -125,6 +97,26 @@ class Engine:
         self._live: dict[str, Request] = {}
         self._ids = itertools.count()
 
+    # ------------------------------------------------------------------ what a server needs
+    @property
+    def model(self) -> nn.Module:
+        """The served base model (owned by the engine: attention switched, adapted linears wrapped)."""
+        return self.runner.model
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the input vocabulary: valid token ids are ``[0, vocab_size)``."""
+        return self.runner.vocab_size
+
+    @property
+    def max_context(self) -> int | None:
+        """The model's context length (prompt + generated tokens), None if its config does not say."""
+        return self.runner.max_context
+
+    def has_adapter(self, name: str) -> bool:
+        """Whether an adapter is registered as ``name``."""
+        return name in self.adapters
+
     # ------------------------------------------------------------------ adapters
     def add_adapter(self, name: str, path: str | Path) -> AdapterInfo:
         """Register the PEFT LoRA adapter in directory ``path`` as ``name`` (validated against the base model).
@@ -132,20 +124,9 @@ class Engine:
         Raises ``AdapterError`` (a ``ValueError``) for a bad adapter, a taken name, or one that would exceed
         ``adapter_host_mb``; registered adapters are unaffected. Identical files share one copy in memory.
         """
-        adapter = self.store.load(name, path)  # file IO and validation outside the lock
+        adapter = self.adapters.load(name, path)  # file IO and validation outside the lock
         with self._lock:
-            for module in adapter.modules:
-                if module not in self._layers:
-                    capacity = self.config.max_resident_adapters
-                    self._layers[module] = wrap_linear(self.model, module, self._context, self.pool.slots, capacity)
-            needed = self.residency.slots_needed(adapter)
-            if needed > self.pool.num_slots:
-                raise AdapterError(
-                    f"adapter {name!r} needs {needed} pool slots but the pool has only {self.pool.num_slots}; "
-                    "enlarge the pool (pool_slots / pool_mb)"
-                )
-            self.store.add(adapter)
-            return self._info(name)
+            return self.adapters.register(adapter)
 
     def remove_adapter(self, name: str, abort_requests: bool = False) -> None:
         """Unregister adapter ``name`` and free its pool slots.
@@ -154,56 +135,42 @@ class Engine:
         (their streams end with finish reason ``abort``).
         """
         with self._lock:
-            self.store.get(name)  # KeyError for an unknown name
+            self.adapters.info(name)  # KeyError for an unknown name
             self._drain_inbox()
             users = self.scheduler.uses_adapter(name)
             if users and not abort_requests:
                 raise AdapterInUseError(f"adapter {name!r} is used by {len(users)} request(s); abort them first")
             for request in users:
                 self._end(request, aborted=True)
-            self.residency.evict(name)
-            self.store.remove(name)
+            self.adapters.unregister(name)
 
     def pin_adapter(self, name: str, pinned: bool = True) -> None:
         """Load adapter ``name`` into the pool now and keep it there (``pinned=False`` makes it evictable)."""
         with self._lock:
-            free = self.pool.num_free - self.scheduler.reserved
-            self.residency.set_pinned(self.store.get(name), pinned, free)
+            self.adapters.pin(name, pinned, self.runner.pool.num_free - self.scheduler.reserved)
 
     def list_adapters(self) -> list[AdapterInfo]:
         """All registered adapters with their rank, size and residency."""
         with self._lock:
-            return [self._info(name) for name in self.store.names()]
-
-    def _info(self, name: str) -> AdapterInfo:
-        adapter = self.store.get(name)
-        resident = self.residency.get(name)
-        return AdapterInfo(
-            name=name,
-            path=adapter.path,
-            max_rank=adapter.max_rank,
-            num_modules=len(adapter.modules),
-            pool_slots=self.residency.slots_needed(adapter),
-            resident=resident is not None,
-            pinned=bool(resident and resident.pinned),
-        )
+            return [self.adapters.info(name) for name in self.adapters.names()]
 
     def pool_stats(self) -> PoolStats:
         """Pool accounting: slots used by KV, by adapters, and free."""
-        return self.pool.stats()
+        return self.runner.pool.stats()
 
     def stats(self) -> EngineStats:
         """Queue lengths, pool accounting and adapter-cache counters."""
         with self._lock:
+            residency = self.adapters.residency
             return EngineStats(
                 running=len(self.scheduler.running),
                 waiting=sum(len(q) for q in self.scheduler.waiting.values()) + len(self._inbox),
-                pool=self.pool.stats(),
-                adapters_registered=len(self.store.names()),
-                adapters_resident=len(self.residency.resident_names()),
-                adapter_host_bytes=self.store.host_bytes,
-                adapter_loads=self.residency.loads,
-                adapter_evictions=self.residency.evictions,
+                pool=self.runner.pool.stats(),
+                adapters_registered=len(self.adapters.names()),
+                adapters_resident=len(residency.resident_names()),
+                adapter_host_bytes=self.adapters.store.host_bytes,
+                adapter_loads=residency.loads,
+                adapter_evictions=residency.evictions,
             )
 
     # ------------------------------------------------------------------ requests
@@ -231,12 +198,12 @@ class Engine:
             prompt_ids = [int(t) for t in prompt]
         if not prompt_ids:
             raise ValueError("prompt is empty")
-        vocab = self.model.get_input_embeddings().num_embeddings
+        vocab = self.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:  # checked here: an out-of-range id would fail the whole step, and every request with it
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if adapter is not None and adapter not in self.store:
-            raise KeyError(f"unknown adapter {adapter!r}; registered: {self.store.names()[:20]}")
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"unknown adapter {adapter!r}; registered: {self.adapters.names()[:20]}")
         total = len(prompt_ids) + params.max_tokens
         if self.max_context is not None and total > self.max_context:
             raise RequestTooLargeError(
@@ -254,7 +221,7 @@ class Engine:
             params=params,
             stop_ids=stop_ids,
             detokenizer=Detokenizer(self.tokenizer, params.stop),
-            generator=make_generator(params, self.pool.slots.device),
+            generator=make_generator(params, self.runner.pool.slots.device),
         )
         self.scheduler.check_fits(request)
         self._live[request_id] = request
@@ -319,34 +286,7 @@ class Engine:
         self._live.pop(request.request_id, None)
 
     def _run(self, batch: list[tuple[Request, int]]) -> list[RequestOutput]:
-        ids, positions, rows, sequences, last_rows, sampled = [], [], [], [], [], []
-        # Pack each adapter's rows side by side (stable, so arrival order holds within an adapter): the
-        # LoRA layers then see one contiguous run of rows per adapter.
-        keyed = sorted(
-            ((self.residency.index_of(r.adapter) if r.adapter else -1, r, c) for r, c in batch), key=lambda t: t[0]
-        )
-        for adapter, request, count in keyed:
-            start = request.num_computed
-            ids += request.all_ids[start : start + count]
-            positions += range(start, start + count)
-            rows += [adapter] * count
-            sequences.append(ScheduledSequence(start, count, request.pages))
-            if start + count == len(request.all_ids):  # the whole context is in: sample the next token
-                last_rows.append(len(ids) - 1)
-                sampled.append(request)
-        device = self.pool.slots.device
-        self._context.set_rows(rows, device)
-        try:
-            with torch.inference_mode():
-                logits = self.model(
-                    input_ids=torch.tensor([ids], device=device),
-                    position_ids=torch.tensor([positions], device=device),
-                    use_cache=False,
-                    logits_to_keep=torch.tensor(last_rows, dtype=torch.long, device=device),
-                    **{BATCH_KWARG: AttentionBatch.build(self.pool.slots, self.layout, sequences)},
-                ).logits[0]
-        finally:
-            self._context.clear()
+        logits, sampled = self.runner.execute(batch, self.adapters.index_of)
         for request, count in batch:
             request.num_computed += count
         tokens = sample(logits, [r.params for r in sampled], [r.generator for r in sampled])

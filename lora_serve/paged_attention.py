@@ -11,8 +11,9 @@ every sequence to its own page table:
 * sequences with several new tokens (prefill chunks) get one SDPA call each, so short decodes are
   never padded to a long prompt.
 
-The per-step metadata travels to the attention function as the ``lora_serve_batch`` keyword, which
-transformers forwards untouched from ``model(...)`` to every attention call.
+The per-step metadata travels to the attention function as the ``lora_serve_batch`` keyword (the step's
+``StepBatch``, whose ``attention`` is an ``AttentionBatch``), which transformers forwards untouched from
+``model(...)`` to every attention call.
 """
 
 from __future__ import annotations
@@ -142,12 +143,13 @@ def paged_attention_forward(
 
     ``attention_mask`` is ignored: the masks come from the step's page tables. Returns ``[1, T, H, hd]``.
     """
-    batch: AttentionBatch | None = kwargs.get(BATCH_KWARG)
-    if batch is None:
+    step = kwargs.get(BATCH_KWARG)  # a StepBatch (step_batch.py)
+    if step is None:
         raise RuntimeError(
             f"attention implementation {ATTENTION_NAME!r} needs the {BATCH_KWARG!r} keyword; "
             "this model is owned by a lora_serve.Engine and must be run through it"
         )
+    batch: AttentionBatch = step.attention
     layer = module.layer_idx
     tokens = query.shape[2]
     packed_q = query[0].transpose(0, 1)  # [T, H, hd]

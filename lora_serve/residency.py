@@ -1,9 +1,9 @@
 """Which adapters are in the page pool: on-demand copy-in, LRU eviction of idle adapters, pinning.
 
 An adapter is *resident* when its A/B rank-rows are in pool slots and a table index ``m`` in
-``[0, capacity)`` points every adapted layer's wrapper at them. Residents used by running requests
-(``users > 0``) and pinned ones are never evicted; idle residents stay cached (a later request for them
-costs nothing) until their slots or index are needed, then the least recently used goes first.
+``[0, capacity)`` points every adapted layer's page tables (``kernels.PagedLoRA``) at them. Residents used
+by running requests (``users > 0``) and pinned ones are never evicted; idle residents stay cached (a later
+request for them costs nothing) until their slots or index are needed, then the least recently used goes first.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.lora import PagedLoRA
+
 from .adapter_store import Adapter
-from .lora_layers import BatchedLoRALinear
 from .pool import PagePool, SlotOwner
 
 
@@ -36,9 +37,9 @@ class Resident:
 class AdapterResidency:
     """Moves adapters between the host store and the pool for the wrappers in ``layers``."""
 
-    def __init__(self, pool: PagePool, layers: dict[str, BatchedLoRALinear], capacity: int):
+    def __init__(self, pool: PagePool, layers: dict[str, PagedLoRA], capacity: int):
         self.pool = pool
-        self.layers = layers  # shared with the engine, which adds wrappers as adapters target new layers
+        self.layers = layers  # shared with the model runner, which adds tables as adapters target new layers
         self.capacity = capacity
         self._resident: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
         self.loads = 0
@@ -47,10 +48,6 @@ class AdapterResidency:
     def slots_needed(self, adapter: Adapter) -> int:
         """Pool slots ``adapter`` occupies when resident."""
         return sum(self.layers[m].slots_needed(w.rank) for m, w in adapter.modules.items())
-
-    def is_resident(self, name: str) -> bool:
-        """Whether adapter ``name`` is in the pool now."""
-        return name in self._resident
 
     def resident_names(self) -> list[str]:
         """Resident adapters, least recently used first."""
@@ -107,7 +104,7 @@ class AdapterResidency:
             raise RuntimeError(f"adapter {name!r} is used by {resident.users} running request(s)")
         del self._resident[name]
         for layer in self.layers.values():
-            if layer.ranks[resident.index] > 0:
+            if layer.is_set(resident.index):
                 layer.clear_adapter(resident.index)
         self.pool.release(resident.slots, SlotOwner.ADAPTER)
         self.evictions += 1

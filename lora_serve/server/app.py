@@ -148,7 +148,7 @@ async def list_models(request: Request) -> ModelList:
     """The base model followed by every registered adapter."""
     serving = _serving(request)
     # list_adapters waits for the engine's lock (a running step): keep that off the event loop.
-    adapters = await asyncio.to_thread(serving.engine.engine.list_adapters)
+    adapters = await asyncio.to_thread(serving.engine.list_adapters)
     base = ModelCard(id=serving.config.model_name, created=request.app.state.created, root=serving.config.model_path)
     return ModelList(data=[base] + [_adapter_card(serving, a, request.app.state.created) for a in adapters])
 
@@ -158,7 +158,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> M
     """Register the PEFT adapter at ``lora_path`` (under the adapter root) as ``lora_name``."""
     serving = _serving(request)
     name = body.lora_name
-    if name == serving.config.model_name or name in serving.engine.engine.store:
+    if name == serving.config.model_name or serving.engine.has_adapter(name):
         raise APIError(409, f"a model named {name!r} is already served", param="lora_name", code="model_exists")
     path = resolve_under_root(serving.config.adapter_root, body.lora_path)
     try:
@@ -173,7 +173,7 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, request: Request) 
     """Unregister an adapter: refuse new requests for it, wait for its running ones, abort the rest."""
     serving = _serving(request)
     name = body.lora_name
-    if name not in serving.engine.engine.store:
+    if not serving.engine.has_adapter(name):
         raise APIError(404, f"no adapter named {name!r} is loaded", param="lora_name", code="model_not_found")
     timeout = serving.config.unload_timeout if body.timeout is None else body.timeout
     with serving.usage.draining(name):

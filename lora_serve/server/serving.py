@@ -122,10 +122,10 @@ class OpenAIServing:
     def __init__(self, engine: AsyncEngine, config: ServerConfig):
         self.engine = engine
         self.config = config
-        self.tokenizer = engine.engine.tokenizer
-        self.vocab_size = engine.engine.model.get_input_embeddings().num_embeddings
-        self.max_context = engine.engine.max_context
-        self.metrics = ServerMetrics(engine.engine.stats)
+        self.tokenizer = engine.tokenizer
+        self.vocab_size = engine.vocab_size
+        self.max_context = engine.max_context
+        self.metrics = ServerMetrics(engine.stats)
         self.usage = AdapterUsage()
         self.max_prompt_chars = prompt_char_limit(self.tokenizer, self.max_context)
 
@@ -134,7 +134,7 @@ class OpenAIServing:
         """The adapter ``model`` names (None for the base model); a 404 for anything else."""
         if model == self.config.model_name:
             return None
-        if model in self.engine.engine.store:
+        if self.engine.has_adapter(model):
             return model  # one being unloaded is refused by ``usage.hold``
         raise APIError(
             404, f"the model {model!r} does not exist; use {self.config.model_name!r} or an adapter "

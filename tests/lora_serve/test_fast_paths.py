@@ -4,31 +4,34 @@ path, unmasked equal-length decodes, and the pool's run allocator."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from kernels import use_backend
+from kernels import LoRASegments, PagedLoRA, use_backend
 from lora_serve import Engine, EngineConfig, SamplingParams
 from lora_serve.kv_layout import KVLayout
-from lora_serve.lora_layers import BatchedLoRALinear, LoRAContext
+from lora_serve.lora_layers import BatchedLoRALinear
 from lora_serve.paged_attention import AttentionBatch, ScheduledSequence
 from lora_serve.pool import PagePool, PoolExhausted, SlotOwner
+from lora_serve.step_batch import ActiveStep
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]  # down_proj: 96 inputs span two 64-wide slots
 PROMPTS = [[5, 17, 33, 9, 41, 77, 12], [8, 19, 3], [120, 44, 45, 46], [7, 90, 91, 92, 93]]
 NEW_TOKENS = 6
 
 
-def _host_kinds(engine: Engine) -> set[str]:
-    """Which CPU-path weight forms the engine's wrappers hold: 'view' (pool view) and/or 'gather'."""
-    return {
-        "view" if a.is_floating_point() else "gather"
-        for layer in engine._layers.values()
-        for host in layer._host
-        if host is not None
-        for a in host[:2]
-    }
+def _weight_kinds(engine: Engine) -> set[str]:
+    """How the torch implementation reads the resident adapters' weights: 'view' (of the pool) and/or 'gather'."""
+    pool = engine.runner.pool.slots.untyped_storage().data_ptr()
+    kinds = set()
+    for layer in engine.runner.lora_layers.values():
+        for index in range(layer.capacity):
+            weights = layer.adapter_weights(index)
+            for matrix in weights[:2] if weights else ():
+                kinds.add("view" if matrix.untyped_storage().data_ptr() == pool else "gather")
+    return kinds
 
 
 @pytest.mark.parametrize("scatter", [False, True], ids=["pool-views", "scattered-slots"])
@@ -39,13 +42,13 @@ def test_lora_weights_as_views_or_gathered_match_peft(scatter, tmp_path, lora):
         lora.save_adapter(base, tmp_path / f"r{rank}", rank, TARGETS, seed=seed)
     engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=6000, max_batch_tokens=9))
     if scatter:  # hand adapters shuffled slots, as a long-running pool with churned KV pages might
-        pool = engine.pool
+        pool = engine.runner.pool
         pool.allocate_run = lambda n, owner: pool.allocate(n, owner)[torch.randperm(n)]
     for rank in (3, 8):
         engine.add_adapter(f"r{rank}", tmp_path / f"r{rank}")
     adapters = ["r3", "r8", None, "r8"]
     results = engine.generate(PROMPTS, SamplingParams(max_tokens=NEW_TOKENS, temperature=0), adapters)
-    assert _host_kinds(engine) == ({"gather"} if scatter else {"view"})
+    assert _weight_kinds(engine) == ({"gather"} if scatter else {"view"})
     for prompt, adapter, result in zip(PROMPTS, adapters, results):
         expected = (
             lora.hf_generate(base, prompt, NEW_TOKENS)
@@ -63,24 +66,23 @@ def test_layer_with_any_mix_of_viewed_and_gathered_weights(a_run, b_run):
     torch.manual_seed(0)
     base = torch.nn.Linear(70, 40)
     pool = torch.zeros(400, 32)
-    context = LoRAContext()
-    layer = BatchedLoRALinear(base, context, pool, capacity=3)
-    weights = {}
+    active = ActiveStep()
+    layer = BatchedLoRALinear(base, active, PagedLoRA(pool, 70, 40, capacity=3))
+    tables, weights = layer.lora, {}
     for index, (rank, first) in enumerate([(2, 10), (5, 200)]):
         a, b = torch.randn(rank, 70), torch.randn(40, rank)
-        slots = torch.arange(first, first + layer.slots_needed(rank))
-        split = rank * layer.chunks_in
+        slots = torch.arange(first, first + tables.slots_needed(rank))
+        split = rank * tables.chunks_in
         if not a_run:
             slots[:split] = slots[:split].flip(0)
         if not b_run:
             slots[split:] = slots[split:].flip(0)
-        pool[slots] = layer.pack(a, b)
-        layer.set_adapter(index, slots, rank, scale=0.5 + index)
+        pool[slots] = tables.pack(a, b)
+        tables.set_adapter(index, slots, rank, scale=0.5 + index)
         weights[index] = (a, b, 0.5 + index)
-    rows = [1, 1, -1, 0, 0, 0, -1, 1]
+    rows = [1, 1, -1, 0, 0, 0, -1, 1]  # not packed by adapter: the segments gather and scatter rows
     x = torch.randn(len(rows), 70)
-    context.set_rows(rows, pool.device)
-    with torch.no_grad():
+    with torch.no_grad(), active.running(SimpleNamespace(lora=LoRASegments(rows, 3))):
         got = layer(x)
         expected = base(x)
         for row, adapter in enumerate(rows):

@@ -89,7 +89,7 @@ def test_pool_too_small_for_the_load_still_completes_everything(served):
     assert most_running < len(jobs)
     assert [tokens[i] for i in ids] == [r.token_ids for r in roomy]
     assert tight.pool_stats().kv == 0
-    assert tight.residency.evictions > 0
+    assert tight.stats().adapter_evictions > 0
 
 
 def test_lru_eviction_spares_pinned_adapters(served):
@@ -99,11 +99,11 @@ def test_lru_eviction_spares_pinned_adapters(served):
     for name in ("a8", "a16", "a8"):
         engine.generate([PROMPTS[1]], GREEDY, name)
     # a2 is pinned; a8 and a16 took turns in the one remaining table row.
-    assert engine.residency.resident_names() == ["a2", "a8"]
+    assert engine.adapters.residency.resident_names() == ["a2", "a8"]
     assert [i.pinned for i in engine.list_adapters()] == [True, False, False]
     engine.pin_adapter("a2", pinned=False)
     engine.generate([PROMPTS[1]], GREEDY, "a16")
-    assert engine.residency.resident_names() == ["a8", "a16"]  # least recently used (a2) went first
+    assert engine.adapters.residency.resident_names() == ["a8", "a16"]  # least recently used (a2) went first
 
 
 def test_adapter_larger_than_the_pool_is_rejected_clearly(served, tmp_path, lora):

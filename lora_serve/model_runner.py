@@ -1,0 +1,77 @@
+"""``ModelRunner``: the Hugging Face model run on one step's packed batch, with paged attention and LoRA.
+
+The runner owns the model (its attention implementation switched to paged attention, the linears that
+adapters target wrapped on demand), the unified page pool and the KV layout. ``execute`` packs a step's
+``(request, new tokens)`` pairs into a ``StepBatch`` (built once: attention metadata and LoRA segments),
+runs the model once with it active, and returns the logits of the rows whose next token is sampled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kernels.lora import PagedLoRA
+
+from .adapter_store import LinearShape
+from .config import EngineConfig
+from .kv_layout import KVLayout
+from .lora_layers import wrap_linear
+from .paged_attention import ATTENTION_NAME, BATCH_KWARG
+from .pool import PagePool
+from .request import Request
+from .step_batch import ActiveStep, StepBatch
+
+
+class ModelRunner:
+    """Runs ``model`` (an HF causal LM, moved to ``config``'s device and dtype) on packed mixed batches."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig):
+        self.model = model.to(device=config.device or model.device, dtype=config.dtype or model.dtype).eval()
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        text = model.config.get_text_config()
+        width = text.hidden_size
+        head_dim = getattr(text, "head_dim", None) or width // text.num_attention_heads
+        self.layout = KVLayout(text.num_hidden_layers, text.num_key_value_heads * head_dim, width)
+        self.pool = PagePool(config.num_slots(width, self.model.dtype), width, self.model.dtype, self.model.device)
+        self.max_context: int | None = getattr(text, "max_position_embeddings", None)
+        self.vocab_size: int = self.model.get_input_embeddings().num_embeddings
+        self.num_adapters = config.max_resident_adapters  # rows of every adapted layer's page tables
+        self.lora_layers: dict[str, PagedLoRA] = {}  # module name -> its tables, as adapters target it
+        self._active = ActiveStep()
+
+    def linear_shapes(self) -> dict[str, LinearShape]:
+        """The linear layers an adapter may target (every ``nn.Linear`` but the output layer)."""
+        output_layer = self.model.get_output_embeddings()
+        return {
+            name: LinearShape(m.in_features, m.out_features)
+            for name, m in self.model.named_modules()
+            if isinstance(m, nn.Linear) and m is not output_layer
+        }
+
+    def adapt(self, name: str) -> PagedLoRA:
+        """The page tables of linear ``name``, wrapping it for batched LoRA on first use."""
+        if name not in self.lora_layers:
+            wrapper = wrap_linear(self.model, name, self._active, self.pool.slots, self.num_adapters)
+            self.lora_layers[name] = wrapper.lora
+        return self.lora_layers[name]
+
+    def execute(
+        self, scheduled: list[tuple[Request, int]], adapter_index: Callable[[str], int]
+    ) -> tuple[torch.Tensor, list[Request]]:
+        """Run the model once on ``scheduled``; return ``(logits [S, vocab], the S requests they sample for)``.
+
+        ``adapter_index`` maps an adapter name to its (resident) page-table index.
+        """
+        batch, sampled = StepBatch.build(scheduled, adapter_index, self.pool.slots, self.layout, self.num_adapters)
+        with torch.inference_mode(), self._active.running(batch):
+            logits = self.model(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                use_cache=False,
+                logits_to_keep=batch.logits_rows,
+                **{BATCH_KWARG: batch},
+            ).logits[0]
+        return logits, sampled
