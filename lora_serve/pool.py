@@ -83,10 +83,6 @@ class PagePool:
         """Slots not owned by anything."""
         return self._num_free
 
-    def used_by(self, owner: SlotOwner) -> int:
-        """Slots currently allocated to ``owner``."""
-        return self._used[owner]
-
     def allocate(self, n: int, owner: SlotOwner) -> torch.Tensor:
         """Take ``n`` free slots for ``owner`` and return their indices (int64, host)."""
         if n < 0:

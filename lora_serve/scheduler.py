@@ -65,10 +65,6 @@ class Scheduler:
         """Queue ``request`` behind its adapter's earlier requests."""
         self.waiting.setdefault(request.adapter, deque()).append(request)
 
-    def has_work(self) -> bool:
-        """Whether any request is running or waiting."""
-        return bool(self.running or self.waiting)
-
     def uses_adapter(self, name: str) -> list[Request]:
         """Running and waiting requests for adapter ``name``."""
         return [r for r in self.running if r.adapter == name] + list(self.waiting.get(name, ()))
