@@ -29,8 +29,6 @@ import asyncio
 import json
 import os
 import shlex
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,7 @@ from transformers import PreTrainedTokenizerFast
 from lora_serve import AsyncEngine, Engine, EngineConfig, SamplingParams
 from lora_serve.cli import default_model
 from lora_serve.server.adapters import find_adapters
+from lora_serve.testing import ServerProcess, start_server_process, stop_server_process
 
 # Sibling benchmark script (this folder is on sys.path when run as a script).
 from lora_serving import base_model, write_adapters, zipf_choice
@@ -118,37 +117,17 @@ def engine_options(args) -> dict:
             "max_batch_size": args.max_batch_size, "max_resident_adapters": args.resident}
 
 
-def start_server(args, model: str, adapter_root: Path, log) -> tuple[subprocess.Popen, str]:
-    """``python -m lora_serve`` on a free loopback port; returns once ``/health`` answers 200."""
-    with socket.socket() as sock:  # a port free now; the server binds it a moment later
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+def start_server(args, model: str, adapter_root: Path, log) -> ServerProcess:
+    """``python -m lora_serve`` on a free loopback port (``lora_serve.testing``), once ``/health`` answers 200;
+    exits with the server's log if it does not start."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine_options(args).items()]
-    cmd = [sys.executable, "-m", "lora_serve", "--model", model, "--served-model-name", "base",
-           "--adapter-root", str(adapter_root), "--host", "127.0.0.1", "--port", str(port),
+    cmd = ["--model", model, "--served-model-name", "base", "--adapter-root", str(adapter_root),
            "--log-level", "warning", "--shutdown-timeout", "5", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # torch takes its thread count from it
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + args.startup_timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    sys.exit(f"the server did not start within {args.startup_timeout} s; its log:\n{Path(log.name).read_text()[-3000:]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM (uvicorn's graceful shutdown), then SIGKILL if it hangs."""
-    proc.terminate()
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        return start_server_process(cmd, timeout=args.startup_timeout, env=env, stdout=log)
+    except (RuntimeError, TimeoutError) as err:
+        sys.exit(f"{err}; its log:\n{Path(log.name).read_text()[-3000:]}")
 
 
 async def _timed(record: Record, t0: float, job: Job, timeout: float, stream) -> None:
@@ -295,18 +274,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "server.log", "w+") as log:
         model, names, vocab = prepare_model(args, Path(tmp))
-        proc, url = start_server(args, model, Path(tmp) / "adapters", log)
+        server = start_server(args, model, Path(tmp) / "adapters", log)
         try:
             engine = Engine(model, config=EngineConfig(**engine_options(args)))
             for name, path in find_adapters(Path(tmp) / "adapters").items():  # the set the server registered
                 engine.add_adapter(name, path)
             async_engine = AsyncEngine(engine)
             try:
-                results = asyncio.run(bench(args, url, async_engine, names, vocab))
+                results = asyncio.run(bench(args, server.url, async_engine, names, vocab))
             finally:
                 async_engine.close()
         finally:
-            stop_server(proc)
+            stop_server_process(server.process)
     table = markdown(args, results)
     print(table)
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv])

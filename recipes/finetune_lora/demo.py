@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import openai
+
+from lora_serve.testing import free_port, serve_in_subprocess
 
 import finetune
 import report
@@ -82,45 +82,17 @@ def train_adapters(args: argparse.Namespace, base: str) -> dict[str, Path]:
     return adapters
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def lora_serve(base: str, adapters: dict[str, Path], timeout: float = 180):
     """Run ``lora-serve`` with the base (served as ``base``) and every adapter; yields its URL.
 
     The server is stopped on exit, also after an error or Ctrl-C: nothing is left running.
     """
-    port = free_port()
-    command = [sys.executable, "-m", "lora_serve", "--model", base, "--served-model-name", "base",
-               "--port", str(port), "--log-level", "warning",
-               *[f"--adapter={name}={path}" for name, path in adapters.items()]]
-    print("$", " ".join(command))
-    server = subprocess.Popen(command)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"lora-serve exited with code {server.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"lora-serve did not answer {url}/health within {timeout} s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    args = ["--model", base, "--served-model-name", "base", "--log-level", "warning",
+            *[f"--adapter={name}={path}" for name, path in adapters.items()]]
+    print("$ python -m lora_serve", " ".join(args))
+    with serve_in_subprocess(args, timeout=timeout) as server:
+        yield server.url
 
 
 def query(url: str, models: list[str], prompts: dict[str, str], max_tokens: int) -> dict[str, dict[str, str]]:
