@@ -15,7 +15,7 @@ as ``chunk(2, dim=-1)`` splits the product); pass ``gate_up_proj.transpose(1, 2)
 import torch
 
 from . import backend
-from ._ops import define_op
+from ._ops import define_op, needs_autograd
 from .grouped_gemm import _grouped_mm_op, _validate, gemm_input_grads, grouped_mm, reference_forward
 
 
@@ -33,7 +33,9 @@ def grouped_swiglu(x, gate_up_weight, expert_offsets, *, gather_index=None) -> t
     _validate(x, gate_up_weight, expert_offsets, gather_index, None, None)
     if gate_up_weight.shape[2] % 2:
         raise ValueError(f"gate_up_weight's last dim must be 2I (gate then up), got {gate_up_weight.shape[2]}")
-    return _GroupedSwiGLU.apply(x, gate_up_weight, expert_offsets, gather_index)
+    if needs_autograd(x, gate_up_weight):
+        return _GroupedSwiGLU.apply(x, gate_up_weight, expert_offsets, gather_index)
+    return _grouped_swiglu_op(x, gate_up_weight, expert_offsets, gather_index)
 
 
 def grouped_gated_mlp(

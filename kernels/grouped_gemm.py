@@ -14,7 +14,7 @@ e owns grouped rows ``[expert_offsets[e-1], expert_offsets[e])``. Grouped row s 
 import torch
 
 from . import backend
-from ._ops import define_op
+from ._ops import define_op, needs_autograd
 
 
 def grouped_mm(
@@ -47,7 +47,9 @@ def grouped_mm(
         ``[S, N]`` tensor of ``x``'s dtype, in grouped order, or in scattered order if ``scatter_index``.
     """
     _validate(x, weight, expert_offsets, gather_index, scatter_index, gates)
-    return _GroupedMM.apply(x, weight, expert_offsets, gather_index, scatter_index, gates)
+    if needs_autograd(x, weight, gates):
+        return _GroupedMM.apply(x, weight, expert_offsets, gather_index, scatter_index, gates)
+    return _grouped_mm_op(x, weight, expert_offsets, gather_index, scatter_index, gates)
 
 
 def _validate(x, weight, offsets, gather_index, scatter_index, gates) -> None:
