@@ -15,6 +15,8 @@ per-choice one, interleaved step by step (CPU: 2 cores shared by 4 processes -- 
     .venv/bin/python benchmarks/placement.py --abstracts ../shared/data/abstracts.txt --measure
     .venv/bin/python benchmarks/placement.py --load benchmarks/out/placement/model.pt --measure  # no training
     .venv/bin/python benchmarks/placement.py --smoke        # seconds, for CI
+    .venv/bin/python benchmarks/placement.py --traces benchmarks/results/placement --ilp-seconds 0 --ilp-nodes 20
+                                                            # plans + predicted costs from the committed traces
 
 Reproducible run (no wall-clock limit decides anything: training stops at --steps, the ILP at
 --ilp-nodes branch-and-bound nodes, every local search converges or stops at --refine-passes):
@@ -47,7 +49,7 @@ from global_balance import add_training_args, make_model, split_domains, windows
 import moeplug  # noqa: E402
 from moeplug import BalanceController  # noqa: E402
 from moeplug.dispatch import count_traffic, expert_parallel_parameters  # noqa: E402
-from moeplug.placement import Placement, apply_placement, evaluate, greedy_plan, ilp_plan  # noqa: E402
+from moeplug.placement import Placement, RoutingTrace, apply_placement, evaluate, greedy_plan, ilp_plan  # noqa: E402
 from moeplug.placement.recipe import collect_trace  # noqa: E402
 
 RANKS = 4
@@ -200,6 +202,8 @@ def main() -> None:
     parser.add_argument("--refine-passes", type=int, default=None, help="cap on local-search passes (None: converge)")
     parser.add_argument("--measure", action="store_true", help="time the 4-process EP model per placement")
     parser.add_argument("--measure-steps", type=int, default=8)
+    parser.add_argument("--traces", type=Path, help="plan on DIR/fit.safetensors, evaluate on DIR/held_out.safetensors "
+                        "(e.g. the committed benchmarks/results/placement): no training, no --measure")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out" / "placement")
     args = parser.parse_args()
@@ -209,13 +213,20 @@ def main() -> None:
         args.refine_passes = args.refine_passes or 2
         args.replica_sweep = "0,4"
     torch.manual_seed(args.seed)
-    train_data, held_out = split_domains(args.abstracts)
-    model, steps, seconds = train(args, train_data)
-    fit = collect_trace(model, batches(train_data, args, 1, args.trace_batches))
-    test = collect_trace(model, batches(held_out, args, 2, args.trace_batches))
     args.out.mkdir(parents=True, exist_ok=True)
-    fit.save(args.out / "fit.safetensors")
-    test.save(args.out / "held_out.safetensors")
+    if args.traces is not None:  # the planning half of P5 from recorded traces: needs neither model nor corpus
+        if args.measure:
+            parser.error("--measure needs the trained model; --traces has only the routing traces")
+        model, steps, seconds = None, 0, 0.0
+        fit = RoutingTrace.load(args.traces / "fit.safetensors")
+        test = RoutingTrace.load(args.traces / "held_out.safetensors")
+    else:
+        train_data, held_out = split_domains(args.abstracts)
+        model, steps, seconds = train(args, train_data)
+        fit = collect_trace(model, batches(train_data, args, 1, args.trace_batches))
+        test = collect_trace(model, batches(held_out, args, 2, args.trace_batches))
+        fit.save(args.out / "fit.safetensors")
+        test.save(args.out / "held_out.safetensors")
     chosen = plans(fit, args)
     row_bytes = args.hidden * 4
     rows = {}
@@ -234,7 +245,7 @@ def main() -> None:
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "train_steps": steps, "train_s": seconds,
               "held_out_tokens": test.tokens, "affinity_fit": affinity_stats(fit), "affinity_held_out": affinity_stats(test),
               "placements": rows, "replica_sweep": sweep}
-    if args.load is None:
+    if args.load is None and model is not None:
         torch.save(model.state_dict(), args.out / "model.pt")
     if args.measure:
         measured = ["contiguous", "greedy_coherent", f"greedy_replicas{args.replicas}", "ilp_standard"]

@@ -29,7 +29,8 @@ CHECKED = {
     ("SmolLM2-135M-Instruct, N=100, machine idle", "N", 0), ("SmolLM2-135M, N=100, all systems", "N", 0),
     ("Tiny Llama (h256, 4 layers, vocab 4096), N=10 and 100", "N", 0), ("Tiny Llama, 1000 adapters vs 10", "N", 0),
     ("Issue 4: lora_serve HTTP server", "rate (req/s)", 0), ("P5: expert placement", "placement", 0),
-    ("P5: expert placement", "placement", 1), ("P6: micro-batch vs global-batch", "balance", 0),
+    ("P5: expert placement", "placement", 1), ("P5: expert placement", "placement", 2),
+    ("P6: micro-batch vs global-batch", "balance", 0),
     ("P1: moeplug-patched MoE block", "shape", 1), ("Issue 3: expert parallelism", "ranks", 0),
     ("Issue 3: expert parallelism", "ranks", 1),
 }
@@ -194,9 +195,10 @@ _P5_NAMES = {"contiguous": "contiguous", "random": "random", "greedy, coherent a
              "ILP, standard": "ilp_standard", "greedy, coherent": "greedy_coherent", "greedy + 8 replicas": "greedy_replicas8"}
 
 
-def test_placement_tables():
-    data = _json("placement.json")
-    for name, sends, vs, hops, vs_hops, load in _table("P5: expert placement", "placement")[2]:
+@pytest.mark.parametrize("occurrence, json_name", [(0, "placement_from_traces.json"), (1, "placement.json")])
+def test_placement_plan_tables(occurrence, json_name):
+    data = _json(json_name)
+    for name, sends, vs, hops, vs_hops, load in _table("P5: expert placement", "placement", occurrence)[2]:
         recorded = data["placements"][_P5_NAMES[name]]
         _check(f"P5 {name} std sends", _numbers(sends)[0], recorded["standard_sends"])
         _check(f"P5 {name} vs contiguous", _numbers(vs)[0], recorded["standard_vs_contiguous"], 100)
@@ -205,7 +207,11 @@ def test_placement_tables():
         worst, mean = _numbers(load)
         _check(f"P5 {name} max/mean", worst, recorded["max_mean_load"])
         _check(f"P5 {name} max/mean layer mean", mean, recorded["max_mean_load_mean"])
-    for name, dedup, per_choice, _, step_dedup, step_per_choice in _table("P5: expert placement", "placement", 1)[2]:
+
+
+def test_placement_measured_table():
+    data = _json("placement.json")
+    for name, dedup, per_choice, _, step_dedup, step_per_choice in _table("P5: expert placement", "placement", 2)[2]:
         key = _P5_NAMES[name]
         for shown, dispatch in ((dedup, "dedup"), (per_choice, "per_choice")):
             _check(f"P5 measured {name} {dispatch}", _numbers(shown)[0],
