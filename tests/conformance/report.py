@@ -43,7 +43,7 @@ def markdown(report: dict) -> str:
         f"Library: {report.get('library', 'unknown')}." + (f" {report['note']}" if report.get("note") else ""),
         "",
         "Each family's tiny config (MoE in every layer) runs transformers' `ModelTesterMixin` and `ConfigTester` "
-        "(from its sdist) plus moeplug's own generation/compile/export checks (`test_moeplug_*`, since the sdist "
+        "(from its sdist) plus moeplug's own generation, compile, export and pickling checks (`test_moeplug_*`; the sdist "
         "lacks transformers' generation and export mixins), unpatched with eager experts and with every model "
         "patched by `moeplug.patch_model`. A regression passes unpatched and fails patched.",
         "",
