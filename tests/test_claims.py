@@ -32,7 +32,8 @@ CHECKED = {
     ("P5: expert placement", "placement", 1), ("P5: expert placement", "placement", 2),
     ("P6: micro-batch vs global-batch", "balance", 0),
     ("P1: moeplug-patched MoE block", "shape", 1), ("Issue 3: expert parallelism", "ranks", 0),
-    ("Issue 3: expert parallelism", "ranks", 1),
+    ("Issue 3: expert parallelism", "ranks", 1), ("P1 at small sizes", "shape", 0),
+    ("Conformance: transformers' own model tests", "family", 0),
 }
 # Tables typed from runs whose JSON was not kept (a later run of the same script overwrote it), with where
 # their numbers live instead. A new table must be checked by a test below or listed here.
@@ -234,6 +235,29 @@ def test_moe_layer_table():
         _check(f"P1 {shape} vs grouped_mm", _numbers(vs_grouped)[0], recorded["moeplug_speedup_vs"]["grouped_mm"])
         _check(f"P1 {shape} vs eager", _numbers(vs_eager)[0], recorded["moeplug_speedup_vs"]["eager"])
         _check(f"P1 {shape} roof", _numbers(fraction)[0], recorded["fraction_of_roof"], 100)
+
+
+def test_moe_layer_small_table():
+    results = {r["shape"]: r for r in _json("moe_layer_small.json")["results"]}
+    for shape, eager, grouped, ours, grouped_c, ours_c, vs_grouped, vs_compiled in _table("P1 at small sizes", "shape")[2]:
+        recorded = results[shape]
+        seconds = recorded["seconds_per_step"]
+        for shown, key in ((eager, "eager"), (grouped, "grouped_mm"), (ours, "moeplug"),
+                           (grouped_c, "grouped_mm compiled"), (ours_c, "moeplug compiled")):
+            _check(f"P1 small {shape} {key}", _numbers(shown)[0], seconds[key], 1000)
+        _check(f"P1 small {shape} vs grouped_mm", _numbers(vs_grouped)[0], recorded["moeplug_speedup_vs"]["grouped_mm"])
+        _check(f"P1 small {shape} compiled", _numbers(vs_compiled)[0],
+               recorded["compiled_moeplug_speedup_vs_compiled_grouped_mm"])
+
+
+def test_conformance_table():
+    families = _json("conformance.json")["families"]
+    for family, *cells in _table("Conformance: transformers' own model tests", "family")[2]:
+        recorded = families[family]
+        expected = (recorded["eager"]["counts"]["passed"], recorded["eager"]["counts"]["failed"],
+                    recorded["patched"]["counts"]["passed"], recorded["patched"]["counts"]["failed"],
+                    len(recorded["regressions"]))
+        assert tuple(int(c) for c in cells) == expected, f"conformance {family}: {cells} vs {expected}"
 
 
 # --- P6 balancing: global_balance/result-*.json ---------------------------------------------------------
