@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-moe test conformance bench clean
+.PHONY: install demo demo-moe test test-fast conformance bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo-moe: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# While developing: the unit and oracle tests, without multi-process launches, recipes, subprocess servers,
+# the real-model tests and benchmark smokes (markers `distributed` and `slow`). CI runs `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not distributed" $(PYTEST_ARGS)
 
 # transformers' own model tests (ModelTesterMixin, ConfigTester) on a tiny model of each supported MoE family,
 # unpatched (eager experts) and moeplug-patched; lists every test that passes unpatched and fails patched.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-import torch.multiprocessing as mp
+
+from tests import launch
 
 
 def _free_port() -> int:
@@ -22,6 +23,6 @@ def spawn():
     `dist.init_process_group("gloo", ...)` with MASTER_ADDR=127.0.0.1 and the given port.
     """
     def run(worker, nprocs: int, *args) -> None:
-        mp.spawn(worker, args=(_free_port(), *args), nprocs=nprocs, join=True)
+        launch.spawn(worker, nprocs, (_free_port(), *args))  # from a preloaded fork server (tests/launch.py)
 
     return run

@@ -16,6 +16,8 @@ import pytest
 from lora_serve import Engine, EngineConfig, FinishReason, SamplingParams
 from lora_serve.model_loading import load_base_model
 
+pytestmark = pytest.mark.slow  # loads the real SmolLM2-135M GGUF (~100 s here): not in `make test-fast`
+
 NEW_TOKENS = 8
 BUILT_IN_PROMPTS = [
     "The capital of France is",

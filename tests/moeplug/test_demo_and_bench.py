@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from moeplug import demo
+
+pytestmark = pytest.mark.slow  # runs the demo and a benchmark smoke in subprocesses: not in `make test-fast`
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,6 +20,8 @@ import pytest
 
 from lora_serve import Engine, EngineConfig
 
+pytestmark = pytest.mark.slow  # a fuzz run against a server subprocess (~1 min): not in `make test-fast`
+
 ADAPTERS = ("fuzz-a", "team/fuzz-b")
 CONFIG = """
 seed = 16
