@@ -1,6 +1,7 @@
 """Triton kernels and launchers for :mod:`kernels.fp8` (same signatures and results as its torch references).
 
-Imported by :mod:`kernels.fp8` on the first Triton call, because ``@triton.jit`` decides interpreted vs
+Imported by :mod:`kernels.fp8` on the first Triton call (it imports nothing from there: the formats'
+constants and checks live in :mod:`kernels._fp8_format`), because ``@triton.jit`` decides interpreted vs
 compiled from ``TRITON_INTERPRET`` when it runs. ``AOT_CASES`` declares every kernel's GPU configs for
 ``kernels._aot``.
 """
@@ -12,16 +13,16 @@ import triton
 import triton.language as tl
 
 from .backend import interpreter_enabled
-from .fp8 import (
-    _E4M3_MAX,
-    _EXPANSION_LOG2_RANGE,
-    _TINY,
+from ._fp8_format import (
+    E4M3_MAX as _E4M3_MAX,
+    EXPANSION_LOG2_RANGE as _EXPANSION_LOG2_RANGE,
     FP8_MAX,
-    _check_expanded,
-    _check_fp8,
-    _check_group_size,
-    _check_group_stats,
-    _check_input,
+    TINY as _TINY,
+    check_expanded as _check_expanded,
+    check_fp8 as _check_fp8,
+    check_group_size as _check_group_size,
+    check_group_stats as _check_group_stats,
+    check_input as _check_input,
 )
 
 __all__ = [

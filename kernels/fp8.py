@@ -36,8 +36,22 @@ What matches across backends and devices (tested in tests/fp8/test_fp8_kernels.p
 import math
 
 import torch
-import triton
 
+from ._fp8_format import (
+    E4M3_MAX as _E4M3_MAX,
+    EXPANSION_LOG2_RANGE as _EXPANSION_LOG2_RANGE,
+    FP8_MAX,
+    K16_MAX as _K16_MAX,
+    K16_MIN as _K16_MIN,
+    K_STEPS as _K_STEPS,
+    TINY as _TINY,
+    check_expanded as _check_expanded,
+    check_fp8 as _check_fp8,
+    check_group_size as _check_group_size,
+    check_group_stats as _check_group_stats,
+    check_input as _check_input,
+    n_groups as _n_groups,
+)
 from .backend import use_triton
 
 __all__ = [
@@ -51,53 +65,6 @@ __all__ = [
     "quantize_fp8_expanded_torch",
     "dequantize_fp8_expanded_torch",
 ]
-
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
-_E4M3_MAX = FP8_MAX[torch.float8_e4m3fn]
-# COAT's target range for |x|^k: log2(448² / 2).
-_EXPANSION_LOG2_RANGE = math.log2(_E4M3_MAX**2 / 2)
-_K_STEPS = 16  # k is a multiple of 1/16
-_K16_MIN, _K16_MAX = 1, 255  # the range a uint8 holds, excluding k = 0
-# The expanded format treats magnitudes below fp32's smallest normal as zero: such moments are far below
-# any eps, GPUs flush them in log2 anyway, and on CPU log2 of zeros and subnormals runs 10-40x slower
-# than of normal numbers, so zeros are clamped to this before the log and masked out after.
-_TINY = torch.finfo(torch.float32).tiny
-_FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _check_group_size(group_size: int) -> None:
-    if not (isinstance(group_size, int) and group_size >= 2 and group_size & (group_size - 1) == 0):
-        raise ValueError(f"group_size={group_size!r} must be a power of two >= 2 (a Triton block size)")
-
-
-def _check_input(x: torch.Tensor, group_size: int) -> None:
-    _check_group_size(group_size)
-    if x.dtype not in _FLOAT_INPUTS:
-        raise TypeError(f"FP8 quantisation takes {_FLOAT_INPUTS} tensors, got {x.dtype}")
-
-
-def _check_fp8(dtype: torch.dtype) -> float:
-    if dtype not in FP8_MAX:
-        raise TypeError(f"fp8_dtype={dtype} is not supported; expected one of {list(FP8_MAX)}")
-    return FP8_MAX[dtype]
-
-
-def _check_group_stats(codes: torch.Tensor, stats: torch.Tensor, group_size: int, name: str) -> None:
-    n_groups = triton.cdiv(codes.numel(), group_size)
-    if stats.numel() != n_groups:
-        raise ValueError(
-            f"{name} has {stats.numel()} entries but {codes.numel()} codes in groups of {group_size} "
-            f"need {n_groups}"
-        )
-
-
-def _check_expanded(codes: torch.Tensor, amax: torch.Tensor, k16: torch.Tensor, group_size: int) -> None:
-    """Validate the inputs of a range-expanded dequantisation (both backends)."""
-    _check_group_size(group_size)
-    if codes.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"expanded codes must be float8_e4m3fn, got {codes.dtype}")
-    _check_group_stats(codes, amax, group_size, "amax")
-    _check_group_stats(codes, k16, group_size, "k16")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -127,7 +94,7 @@ def _as_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     if flat.numel() % group_size == 0:
         return flat.view(-1, group_size)
     # Zero only the tail: F.pad would fill the whole buffer before copying into it.
-    padded = flat.new_empty(triton.cdiv(flat.numel(), group_size) * group_size)
+    padded = flat.new_empty(_n_groups(flat.numel(), group_size) * group_size)
     padded[: flat.numel()].copy_(flat)
     padded[flat.numel():].zero_()
     return padded.view(-1, group_size)
