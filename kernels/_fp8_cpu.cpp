@@ -2,7 +2,7 @@
 //
 // One pass per group of G values: decode both E4M3 moments (COAT range expansion), run the AdamW update
 // in fp32, re-encode the moments with a fresh per-group (amax, 16k). Each step mirrors the torch
-// reference (moeplug.fp8.optim / kernels.fp8) operation for operation, in the same order and fp32
+// reference (kernels.fp8_adamw / kernels.fp8) operation for operation, in the same order and fp32
 // rounding: the only differences are the log2/exp2 implementations (SLEEF here, MKL/SLEEF in torch),
 // which may differ in the last bit. Groups run in parallel with at::parallel_for (torch's threads).
 #include <torch/extension.h>
@@ -175,7 +175,7 @@ struct Hyper {
   float decay, lerp_weight, beta2, one_minus_beta2, eps;
 };
 
-// moeplug.fp8.optim.adamw_math on one group, with torch's per-op fp32 rounding (lerp as an FMA, as
+// kernels.fp8_adamw.adamw_math on one group, with torch's per-op fp32 rounding (lerp as an FMA, as
 // ATen's vectorised lerp does; no other contraction: this file is compiled with -ffp-contract=off).
 void adamw_group(float* p, const float* g, float* m, float* v, int64_t count, const Hyper& h,
                  float bias_correction2_sqrt, float step_size) {

@@ -1,6 +1,7 @@
 """Fused CPU FP8AdamW step: a C++ extension (``_fp8_cpu.cpp``) compiled on first use.
 
-The torch reference of an FP8AdamW step (dequantise, :func:`moeplug.fp8.optim.adamw_math`, quantise)
+The CPU implementation of :func:`kernels.fp8_adamw.fp8_adamw_step`, which calls it. The torch reference of
+the step (:func:`kernels.fp8_adamw.fp8_adamw_step_torch`: dequantise, :func:`kernels.fp8_adamw.adamw_math`, quantise)
 makes ~40 passes over the data and ~50 op dispatches per tensor; this does one pass per group of 128
 values, groups spread over torch's intra-op threads. It follows the reference op for op in fp32; only the
 ``log2``/``exp2`` routines differ (SLEEF here, MKL/SLEEF inside torch), so a code can differ by one E4M3

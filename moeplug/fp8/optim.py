@@ -21,59 +21,19 @@ they are a negligible share of a model's memory.
 
 Each step dequantises the moments to fp32, runs the one fp32 AdamW update (:func:`adamw_math`, shared
 with the fp32-state parameters), and requantises. The parameter is updated with the fp32 moments before
-requantisation, as in COAT, so the quantisation error enters through the next step's moments only.
+requantisation, as in COAT, so the quantisation error enters through the next step's moments only. The
+step is the :func:`kernels.fp8_adamw.fp8_adamw_step` op (where :func:`adamw_math` lives too); this module
+owns the optimizer around it: hyperparameters, the state layout, checks and the state_dict.
 """
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
 
-from kernels import _fp8_cpu
-from kernels.fp8 import dequantize_fp8_expanded, quantize_fp8_expanded
+from kernels.fp8_adamw import MOMENTS as _MOMENTS
+from kernels.fp8_adamw import adamw_math, fp8_adamw_step
 
-__all__ = ["FP8AdamW", "adamw_math"]
-
-_MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def adamw_math(
-    param: torch.Tensor,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    step: int,
-) -> None:
-    """One decoupled-weight-decay Adam update in fp32, in place on ``param``, ``exp_avg``, ``exp_avg_sq``.
-
-    The same arithmetic, in the same order, as ``torch.optim.AdamW`` (bit for bit, tested): decay, moment
-    updates, bias correction, ``eps`` added after the square root. ``step`` counts this update (1-based).
-    """
-    bias_correction1 = 1 - beta1**step
-    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
-    param.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
-
-
-def _fp8_moments_step(
-    param: torch.Tensor, grad: torch.Tensor, state: dict, hyper: dict, step: int, group_size: int
-) -> None:
-    """Dequantise both moments, apply :func:`adamw_math` in fp32, and store them requantised in ``state``."""
-    moments = [
-        dequantize_fp8_expanded(state[k], state[f"{k}_amax"], state[f"{k}_k16"], group_size) for k in _MOMENTS
-    ]
-    adamw_math(param, grad, *moments, step=step, **hyper)
-    for key, moment in zip(_MOMENTS, moments):
-        state[key], state[f"{key}_amax"], state[f"{key}_k16"] = quantize_fp8_expanded(moment, group_size)
+__all__ = ["FP8AdamW", "adamw_math"]  # adamw_math: re-exported from kernels.fp8_adamw, where it lives
 
 
 class FP8AdamW(torch.optim.Optimizer):
@@ -89,8 +49,8 @@ class FP8AdamW(torch.optim.Optimizer):
         fused: how quantised CPU parameters are stepped. ``None`` (default): one fused C++ pass per group
             (:mod:`kernels._fp8_cpu`, compiled on first use), falling back to the torch path with one
             warning when it cannot be built; ``True``: the fused pass or an error; ``False``: the torch
-            path (dequantise, :func:`adamw_math`, quantise). The two agree to the last bit of ``log2`` /
-            ``exp2``: a code may differ by one E4M3 step. CUDA parameters always take the torch path
+            path (dequantise, :func:`adamw_math`, quantise); see :func:`kernels.fp8_adamw.fp8_adamw_step`.
+            The two agree to the last bit of ``log2`` / ``exp2``: a code may differ by one E4M3 step. CUDA parameters always take the torch path
             with its Triton (de)quantisation kernels.
 
     Quantisation runs through :mod:`kernels.fp8` (Triton kernels for CUDA tensors, torch on CPU).
@@ -156,20 +116,6 @@ class FP8AdamW(torch.optim.Optimizer):
             raise RuntimeError(f"FP8AdamW keeps fp32 master weights, but param {index} is {param.dtype}; "
                                "keep parameters in fp32 and train with autocast")
 
-    def _use_fused(self, param: torch.Tensor) -> bool:
-        """Whether this quantised parameter takes the fused C++ step (see ``fused`` in the class doc)."""
-        if self.fused is False or param.device.type != "cpu":
-            if self.fused and param.device.type != "cpu":
-                raise RuntimeError(f"FP8AdamW(fused=True) runs on CPU tensors only, got one on {param.device}; "
-                                   "use fused=None (the default) to run CUDA tensors through the Triton kernels")
-            return False
-        if _fp8_cpu.load_extension() is None:
-            if self.fused:
-                raise RuntimeError("FP8AdamW(fused=True): the C++ extension could not be built (see the warning "
-                                   "above); pass fused=None or fused=False to use the torch path")
-            return False
-        return True
-
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimisation step; ``closure`` re-evaluates the model and returns the loss."""
@@ -181,25 +127,16 @@ class FP8AdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                          weight_decay=group["weight_decay"])
-            fused: tuple[list, list, list, list] = ([], [], [], [])  # params, grads, states, steps
-            for index, param in enumerate(group["params"]):
-                if param.grad is None:
-                    continue
-                self._check_param(param, index)
-                state = self.state[param] or self._init_state(param)
+            params = [param for param in group["params"] if param.grad is not None]
+            for index, param in enumerate(group["params"]):  # every check before any state changes
+                if param.grad is not None:
+                    self._check_param(param, index)
+            states = [self.state[param] or self._init_state(param) for param in params]
+            for state in states:
                 state["step"] += 1
-                step = int(state["step"].item())
-                if state["exp_avg"].dtype == torch.float32:
-                    adamw_math(param, param.grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper)
-                elif self._use_fused(param) and param.is_contiguous():
-                    for key in _MOMENTS:  # a loaded state may be a non-contiguous view
-                        state[key] = state[key].contiguous()
-                    for out, item in zip(fused, (param, param.grad.contiguous(), state, step)):
-                        out.append(item)
-                else:
-                    _fp8_moments_step(param, param.grad, state, hyper, step, self.group_size)
-            if fused[0]:
-                _fp8_cpu.fp8_adamw_step(*fused, **hyper, group_size=self.group_size)
+            steps = [int(state["step"].item()) for state in states]
+            grads = [param.grad for param in params]
+            fp8_adamw_step(params, grads, states, steps, **hyper, group_size=self.group_size, fused=self.fused)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
