@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
@@ -103,8 +103,3 @@ class MoEConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"{name}={value} must be >= 0")
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        """Names of every option, for error messages and CLI help."""
-        return [f.name for f in fields(cls)]

@@ -37,7 +37,7 @@ class MoELayer(nn.Module):
 
     forward(hidden [..., H], token_mask=None) returns [..., H]. After each forward:
       - `aux_loss`: the weighted balancing + z-loss of this call (a tensor with gradient, or None);
-        add it to your loss (or use `moeplug.aux_loss(model)` to sum every layer's).
+        add it to your loss (sum it over the model's MoELayers).
       - `stats`: a `RouterStats` with tokens per expert, dropped assignments, losses, entropy.
     `selection_bias` ([E] buffer, zeros) is added to scores when choosing experts only; the
     aux-loss-free balancing update of `BalanceController` writes it. `step_counts` (set by the

@@ -10,7 +10,7 @@ from kernels import grouped_mm, use_backend
 
 # fp32: both sides accumulate in fp32 in a different order. fp16: both accumulate in fp32 and round the
 # result (values ~1) to fp16, whose spacing near 1 is 1e-3; a few roundings apart is within 1e-2.
-# bf16 keeps 8 bits of mantissa (spacing 0.03 near 4). The interpreter's bf16 tl.dot is wrong (DESIGN.md),
+# bf16 keeps 8 bits of mantissa (spacing 0.03 near 4). The interpreter's bf16 tl.dot is wrong (measured; ../shared/DESIGN.md),
 # so the kernels upcast bf16 tiles there (the bf16 cases check that workaround); on a GPU they run tl.dot on
 # bf16 tiles, which also multiplies exactly and accumulates in fp32, so the same tolerances apply.
 TOL = {
