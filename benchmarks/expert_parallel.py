@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 from tqdm import tqdm
+from lora_serve.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("dispatch", "experts", "combine")
@@ -221,12 +221,6 @@ def _worker(rank: int, port: int, world: int, args, path: str) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _table(results: list[dict]) -> str:
     lines = ["| ranks | phase | moeplug ms | DeepSpeed MoE ms | DeepSpeed / moeplug |", "|---|---|---|---|---|"]
     for result in results:
@@ -261,7 +255,7 @@ def main(argv=None) -> None:
     results = []
     for world in args.ranks:
         path = f"{args.output}.{world}.part"
-        mp.spawn(_worker, args=(_free_port(), world, args, path), nprocs=world, join=True)
+        mp.spawn(_worker, args=(free_port(), world, args, path), nprocs=world, join=True)
         results.append(json.loads(Path(path).read_text()))
         os.remove(path)
     summary = {"command": "benchmarks/expert_parallel.py", "args": vars(args), "load_avg": os.getloadavg(),

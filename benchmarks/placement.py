@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ from moeplug import BalanceController  # noqa: E402
 from moeplug.dispatch import count_traffic, expert_parallel_parameters  # noqa: E402
 from moeplug.placement import Placement, RoutingTrace, apply_placement, evaluate, greedy_plan, ilp_plan  # noqa: E402
 from moeplug.placement.recipe import collect_trace  # noqa: E402
+from lora_serve.testing import free_port
 
 RANKS = 4
 
@@ -157,9 +157,7 @@ def measure(args, model, chosen: dict[str, Placement], held_out) -> dict:
     """Median step seconds and cross-rank rows per step (all ranks, one direction) per placement/dispatch."""
     state_path, result_path = args.out / "measured_model.pt", args.out / "times.pt"
     torch.save(model.state_dict(), state_path)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     tables = {name: plan.slots for name, plan in chosen.items()}
     # Held-out text, a different batch per rank and step (the first step of each warms up).
     steps = batches(held_out, args, 3, (args.measure_steps + 1) * RANKS // len(held_out) + 1)

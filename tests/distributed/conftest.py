@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
+from lora_serve.testing import free_port
 from tests import launch
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -23,6 +16,6 @@ def spawn():
     `dist.init_process_group("gloo", ...)` with MASTER_ADDR=127.0.0.1 and the given port.
     """
     def run(worker, nprocs: int, *args) -> None:
-        launch.spawn(worker, nprocs, (_free_port(), *args))  # from a preloaded fork server (tests/launch.py)
+        launch.spawn(worker, nprocs, (free_port(), *args))  # from a preloaded fork server (tests/launch.py)
 
     return run

@@ -13,7 +13,6 @@ cases, including the error cases, in one set of processes.
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from lora_serve.testing import free_port
 import moeplug
 from moeplug.tiny import tiny_model
 from tests import launch
@@ -184,9 +184,7 @@ def _worker(rank: int, port: int, world: int, path: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_deepspeed_zero_with_expert_parallelism_matches_plain_training(tmp_path, world):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     launch.spawn(_worker, world, (port, world, str(tmp_path / "result")))  # preloaded fork server
     results = [torch.load(tmp_path / f"result.{rank}") for rank in range(world)]
     ref_losses, ref_weights = reference_run(world)

@@ -9,26 +9,20 @@ memory op (30-150 s here), cached in TORCH_EXTENSIONS_DIR (torch's default cache
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from lora_serve.testing import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(420)]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("stage, world_size", [(1, 1), (2, 2)])
 def test_zero_checkpoint_resumes_identically(stage, world_size, tmp_path):
     script = Path(__file__).with_name("deepspeed_resume.py")
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world_size):
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),

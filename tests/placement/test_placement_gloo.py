@@ -7,12 +7,12 @@ of the ranks each token's choices live on (exact with replicas too). Data x expe
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from lora_serve.testing import free_port
 import moeplug
 from moeplug.dispatch import allreduce_gradients, count_traffic, expert_parallel_parameters
 from moeplug.placement import (Placement, apply_placement, current_placement, load_placed_checkpoint,
@@ -131,9 +131,7 @@ def _worker(rank: int, port: int, path: str) -> None:
 
 
 def test_placed_model_matches_unplaced_and_cost_model_counts_rows(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     path = str(tmp_path / "result")
     spawn(_worker, WORLD, (port, path))
     all_results = [torch.load(f"{path}.{rank}") for rank in range(WORLD)]
@@ -183,9 +181,7 @@ def _dp_ep_worker(rank: int, port: int, world: int, path: str) -> None:
 
 def test_data_and_expert_parallel_placed_model_matches_transformers(tmp_path):
     world = 4
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     path = str(tmp_path / "result")
     spawn(_dp_ep_worker, world, (port, world, path))
     # Oracle: transformers' unpatched model on every rank's batch; the objective is the mean of the losses.
