@@ -47,6 +47,34 @@ def _read_lines(stream, lines: queue.Queue) -> None:
         lines.put(line)
 
 
+def _launch(command: list[str]) -> tuple[subprocess.Popen, queue.Queue, list[str], int]:
+    """Start a lora-serve command line and wait for uvicorn: (process, output lines, log so far, port)."""
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    log, port, deadline = [], None, time.monotonic() + 120
+    try:
+        while port is None:
+            log.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
+            port = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log[-1])
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return process, lines, log, int(port[1])
+
+
+def _stop(process: subprocess.Popen, lines: queue.Queue, log: list[str]) -> str:
+    """Kill `process` if it still runs; the whole log."""
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+    while not lines.empty():
+        log.append(lines.get())
+    return "".join(log)
+
+
 def test_cli_serves_adapters_and_shuts_down_gracefully(tmp_path, lora, serve):
     base = lora.tiny_model("llama")
     base.save_pretrained(tmp_path / "model")
@@ -61,21 +89,12 @@ def test_cli_serves_adapters_and_shuts_down_gracefully(tmp_path, lora, serve):
 
     command = [sys.executable, "-m", "lora_serve", "--config", str(config), "--adapter-root", str(tmp_path / "root"),
                "--port", "0", "--api-key", "secret", "--served-model-name", "tiny"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    process, lines, log, port = _launch(command)
     try:
-        log, port, deadline = [], None, time.monotonic() + 120
-        while port is None:
-            log.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
-            port = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log[-1])
         startup = "".join(log)
         assert "2 adapters registered" in startup and "pool 4000 slots" in startup, startup
 
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port[1]}/v1", api_key="secret", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="secret", max_retries=0, timeout=60)
         assert {m.id for m in client.models.list()} == {"tiny", "a", "b"}
         prompt_ids = tokenizer("Hi")["input_ids"]
         expected = lora.peft_generate(base, tmp_path / "root" / "a", prompt_ids, 8)
@@ -91,12 +110,7 @@ def test_cli_serves_adapters_and_shuts_down_gracefully(tmp_path, lora, serve):
         # uvicorn re-raises the signal once its graceful shutdown is done, so the exit status is SIGTERM's.
         assert process.wait(timeout=60) == -signal.SIGTERM
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    while not lines.empty():
-        log.append(lines.get())
-    shutdown = "".join(log)
+        shutdown = _stop(process, lines, log)
     assert "Waiting for connections to close" in shutdown  # the stream was in flight at SIGTERM
     assert "Application shutdown complete" in shutdown  # the lifespan stopped the engine thread
 
@@ -135,26 +149,14 @@ def test_the_process_exits_non_zero_with_a_traceback_when_the_step_loop_dies(tmp
     base.save_pretrained(tmp_path / "model")
     command = [sys.executable, "-c", _DYING_ENGINE, "--model", str(tmp_path / "model"), "--pool-slots", "4000",
                "--port", "0", "--served-model-name", "tiny"]
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    process, lines, log, port = _launch(command)
     try:
-        log, port, deadline = [], None, time.monotonic() + 120
-        while port is None:
-            log.append(lines.get(timeout=max(deadline - time.monotonic(), 0.1)))
-            port = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", log[-1])
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port[1]}/v1", api_key="none", max_retries=0, timeout=60)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         with pytest.raises(openai.APIStatusError) as failed:
             client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2)
         assert failed.value.status_code == 503 and "engine has failed" in str(failed.value)
         assert process.wait(timeout=60) == 1  # a supervisor sees the failure and restarts the server
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    while not lines.empty():
-        log.append(lines.get())
-    output = "".join(log)
+        output = _stop(process, lines, log)
     assert "Traceback" in output and "RuntimeError: injected step failure" in output, output
     assert "exiting: the engine step loop failed" in output, output
