@@ -99,6 +99,14 @@ class LoRASegments:
         both = torch.tensor([*order, *itertools.accumulate(self._counts)], dtype=torch.long).to(self.device)
         return both[: len(rows)], both[len(rows) :]  # one host-to-device copy
 
+    @cached_property
+    def row_adapter(self) -> torch.Tensor:
+        """``[T]`` int64 on the batch's device: each row's adapter (-1: none), in row order. Layers that
+        regroup the rows (MoE experts: by adapter and expert) read it; one host-to-device copy per batch."""
+        if self._tensor is not None:
+            return self._tensor.long()
+        return torch.tensor(self._list, dtype=torch.long).to(self.device)
+
     @property
     def row_order(self) -> torch.Tensor:
         """``[T]`` int64 on the batch's device: the rows, segment by segment."""

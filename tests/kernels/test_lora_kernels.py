@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels import LoRASegments, PagedLoRA, add_lora, lora_expand, lora_shrink, use_backend
+from kernels.lora import PagedExpertLoRA
 
 K_DIM, N_DIM, SLOT_WIDTH = 100, 33, 16  # both span several 16-wide slots, the last one partly
 RANKS = [1, 8, 16, 64, 8]  # adapter 4 gets no rows in any batch below
@@ -222,3 +223,80 @@ def test_add_lora_over_paged_tables_matches_dense_peft_math(backend, scattered, 
     assert tables.num_set == 3 and tables.is_set(2) and not tables.is_set(3)
     tables.clear_adapter(2)
     assert tables.num_set == 2 and tables.adapter_weights(2) is None
+
+
+def _expert_lora(device, ranks, num_experts, capacity, dtype=torch.float32, scattered=False):
+    """A ``PagedExpertLoRA`` over a random pool with one adapter of rank ``ranks[i]`` at index i on every expert
+    (``None``: index left empty), and the dense ``(A [E, r, K], B [E, N, r], scale)`` the oracle reads."""
+    gen = torch.Generator().manual_seed(6)
+    pool = torch.randn(2000, SLOT_WIDTH, generator=gen).to(dtype)
+    tables = PagedExpertLoRA(PagedLoRA(pool.to(device), K_DIM, N_DIM, capacity * num_experts), num_experts)
+    dense, first = {}, 0
+    for index, rank in enumerate(ranks):
+        if rank is None:
+            continue
+        a = torch.randn(num_experts, rank, K_DIM, generator=gen).to(dtype) / K_DIM**0.5
+        b = torch.randn(num_experts, N_DIM, rank, generator=gen).to(dtype)
+        slots = torch.arange(first, first + tables.slots_needed(rank))
+        first += slots.numel() + 5
+        slots = slots[torch.randperm(slots.numel(), generator=gen)] if scattered else slots
+        tables.paged.pool[slots.to(device)] = tables.pack(a, b).to(device)
+        tables.set_adapter(index, slots, rank, scale=0.5 + index)
+        dense[index] = (a, b, 0.5 + index)
+    return tables, dense
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("scattered", [False, True], ids=["pool-views", "scattered-slots"])
+@pytest.mark.parametrize("pairs", [1, 7, 60])
+def test_expert_lora_matches_dense_math_per_pair(backend, scattered, pairs, device):
+    """Each (row, expert) pair adds its row's adapter's expert-e LoRA: ``scale_a · x A_{a,e}ᵀ B_{a,e}ᵀ``.
+
+    Adapters of ranks 2, 9 and 16 plus an empty index (3) and base rows (-1) in one batch; 5 experts, of which
+    expert 4 gets no pair. fp32 tolerance as the other ops (same math, another summation order)."""
+    num_experts = 5
+    tables, dense = _expert_lora(device, [2, 9, 16, None], num_experts, capacity=4, scattered=scattered)
+    gen = torch.Generator().manual_seed(pairs)
+    row_adapter = torch.randint(-1, 4, (pairs,), generator=gen)
+    row_expert = torch.randint(0, num_experts - 1, (pairs,), generator=gen)
+    x, y = torch.randn(pairs, K_DIM, generator=gen), torch.randn(pairs, N_DIM, generator=gen)
+    expected = y.clone()
+    for t, (index, expert) in enumerate(zip(row_adapter.tolist(), row_expert.tolist())):
+        if index in dense:
+            a, b, scale = dense[index]
+            expected[t] += scale * (x[t] @ a[expert].t() @ b[expert].t())
+    segments = tables.segments(row_adapter.to(device), row_expert.to(device))
+    with use_backend(backend):
+        got = add_lora(y.to(device), x.to(device), tables.paged, segments)
+    torch.testing.assert_close(got.cpu(), expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_expert_lora_triton_matches_torch_in_half_precision(dtype, device):
+    tables, _ = _expert_lora(device, [4, 16], num_experts=3, capacity=2, dtype=dtype)
+    gen = torch.Generator().manual_seed(9)
+    row_adapter, row_expert = torch.randint(-1, 2, (13,), generator=gen), torch.randint(0, 3, (13,), generator=gen)
+    x, y = (torch.randn(13, n, generator=gen).to(dtype).to(device) for n in (K_DIM, N_DIM))
+    segments = tables.segments(row_adapter.to(device), row_expert.to(device))
+    results = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            results[backend] = add_lora(y.clone(), x, tables.paged, segments)
+    torch.testing.assert_close(results["triton"], results["torch"], **TOL[dtype])
+
+
+def test_expert_lora_bookkeeping_and_bad_input():
+    tables, _ = _expert_lora("cpu", [3, None, 5], num_experts=4, capacity=3)
+    assert tables.num_set == 2 and tables.is_set(0) and not tables.is_set(1) and tables.is_set(2)
+    assert tables.slots_needed(3) == 4 * 3 * (math.ceil(K_DIM / SLOT_WIDTH) + math.ceil(N_DIM / SLOT_WIDTH))
+    tables.clear_adapter(2)
+    assert tables.num_set == 1 and not tables.is_set(2)
+    assert tables.paged.adapter_weights(2 * 4 + 3) is None  # every expert of index 2 is cleared
+    with pytest.raises(ValueError, match=r"expert LoRA needs A \(4, 3, 100\) and B \(4, 33, 3\).*got \(3, 3, 100\)"):
+        tables.pack(torch.zeros(3, 3, K_DIM), torch.zeros(4, N_DIM, 3))
+    with pytest.raises(ValueError, match="needs 120 slots, got 5"):
+        tables.set_adapter(1, torch.arange(5), 3, 1.0)
+    with pytest.raises(ValueError, match="cannot hold 4 experts"):
+        PagedExpertLoRA(PagedLoRA(torch.zeros(8, SLOT_WIDTH), K_DIM, N_DIM, 6), 4)
+    with pytest.raises(ValueError, match="must be 1-D of one length"):
+        tables.segments(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
