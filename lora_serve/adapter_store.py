@@ -4,34 +4,33 @@ Every registered adapter lives here (host memory) whether or not it is in the pa
 holds the ones in use (see ``residency.py``). Loading reads ``adapter_config.json`` and
 ``adapter_model.safetensors`` as PEFT writes them and checks every tensor against the base model's
 linear layers before anything is registered, so a bad adapter never disturbs the loaded ones.
+
+LoRA on fused MoE expert parameters (PEFT's ``target_parameters``, e.g. ``mlp.experts.gate_up_proj``) is
+read too. PEFT wraps each targeted parameter of an experts module in a ``ParamWrapper``, nested in the
+order the module registers its parameters (the first one innermost), and saves the wrapper of the i-th of
+n targeted parameters as ``<experts>`` + ``.base_layer`` * (n - 1 - i) + ``.lora_A.weight`` /
+``.lora_B.weight``: ``A [r*E, in]`` expert-major (``[E, r, in]``) but ``B [out, r*E]`` with the experts
+last (``[out, r, E]``; see PEFT's ``ParamWrapper.get_delta_weight``). They are stored here under the
+parameter's name (``...mlp.experts.gate_up_proj``, the key PEFT's rank_pattern matches) as
+``A [E, r, in]`` and ``B [E, out, r]``, so ``ΔW_e = scale · B[e] @ A[e]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as safetensors_load
+
+from .peft_files import AdapterError, parse_config, parse_tensors, pattern_value, read_file, short
 
 MAX_NAME_LENGTH = 256  # characters of an adapter name
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
-_UNSUPPORTED_OPTIONS = {
-    "use_dora": "DoRA",
-    "lora_bias": "LoRA bias terms",
-    "modules_to_save": "modules_to_save (fully trained extra modules)",
-    "layer_replication": "layer replication",
-}
-
-
-class AdapterError(ValueError):
-    """An adapter cannot be registered: bad files, unsupported options, or a mismatch with the base model."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +42,18 @@ class LinearShape:
 
 
 @dataclass(frozen=True)
+class ExpertsShape:
+    """A fused experts parameter LoRA may target: ``num_experts`` projections, each ``in_features -> out_features``."""
+
+    num_experts: int
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
 class LoRAWeights:
-    """One adapted linear: ``A [rank, in]``, ``B [out, rank]`` and the scale applied to ``x A^T B^T``."""
+    """One adapted linear: ``A [rank, in]``, ``B [out, rank]`` and the scale applied to ``x A^T B^T``; for a fused
+    experts parameter, one such pair per expert: ``A [E, rank, in]``, ``B [E, out, rank]``."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -53,7 +62,7 @@ class LoRAWeights:
     @property
     def rank(self) -> int:
         """The LoRA rank of this module."""
-        return self.a.shape[0]
+        return self.a.shape[-2]
 
 
 @dataclass(frozen=True)
@@ -74,138 +83,135 @@ class Adapter:
         return max(w.rank for w in self.modules.values())
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name suffix (as a regex)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?{key}$", module):
-            return value
-    return default
+def _expert_keys(label: str, config: dict, experts: dict[str, dict[str, ExpertsShape]]) -> dict[str, str]:
+    """The module key PEFT saves each targeted experts parameter under -> the parameter's name.
 
-
-def _short(value) -> str:
-    """A repr for error messages, cut to a readable length."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def _read_file(path: Path, name: str, label: str, max_bytes: int | None = None) -> bytes:
-    """The bytes of ``path/name``; an ``AdapterError`` (naming only ``label`` and ``name``, never the server's
-    directories) when it is missing, unreadable or larger than ``max_bytes``."""
-    file = path / name
-    try:
-        if not file.is_file():
-            raise AdapterError(f"{label}: no {name} (expected a PEFT LoRA adapter directory saved as safetensors)")
-        if max_bytes is not None and file.stat().st_size > max_bytes:
-            raise AdapterError(f"{label}: {name} is {file.stat().st_size / 2**20:.1f} MiB, more than the host "
-                               "memory left for adapters could hold (unload adapters or raise the limit)")
-        return file.read_bytes()
-    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
-        if isinstance(err, AdapterError):
-            raise
-        raise AdapterError(f"{label}: cannot read {name} ({getattr(err, 'strerror', None) or err})") from None
-
-
-def _parse_config(data: bytes, label: str) -> dict:
-    where = f"{label}: adapter_config.json"
-    try:
-        config = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise AdapterError(f"{where} is not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise AdapterError(f"{where} is not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{where} must hold a JSON object, got a {type(config).__name__}")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{where}: peft_type is {_short(config.get('peft_type'))}, expected 'LORA'")
-    for option, what in _UNSUPPORTED_OPTIONS.items():
-        if config.get(option):
-            raise AdapterError(f"{where}: {what} is not supported ({option}={_short(config[option])})")
-    if config.get("bias", "none") != "none":
-        raise AdapterError(f"{where}: bias={_short(config['bias'])} is not supported, expected 'none'")
-    for field_name in ("r", "lora_alpha"):
-        if not _positive_number(config.get(field_name)):
-            raise AdapterError(f"{where}: {field_name} must be a positive number, got {_short(config.get(field_name))}")
-    for field_name in ("rank_pattern", "alpha_pattern"):
-        patterns = config.get(field_name) or {}
-        if not isinstance(patterns, dict):
-            raise AdapterError(f"{where}: {field_name} must be an object of regex -> number, got {_short(patterns)}")
-        for key, value in patterns.items():
-            try:
-                re.compile(rf"(.*\.)?{key}$")
-            except re.error as err:
-                raise AdapterError(f"{where}: {field_name} key {_short(key)} is not a valid regex ({err})") from None
-            if not _positive_number(value):
-                raise AdapterError(f"{where}: {field_name}[{_short(key)}] must be a positive number, got {_short(value)}")
-    return config
-
-
-def _parse_tensors(data: bytes, label: str) -> dict[str, torch.Tensor]:
-    try:
-        return safetensors_load(data)
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise AdapterError(f"{label}: cannot read adapter_model.safetensors ({_short(str(err))})") from None
+    ``experts`` maps each experts module of the base to its LoRA-able parameters in registration order.
+    Every ``target_parameters`` entry must name such a parameter (PEFT matches ``name == entry`` or a
+    ``.entry`` suffix); anything else is refused, naming the entry and what is served.
+    """
+    targets = config.get("target_parameters") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
+        raise AdapterError(f"{label}: adapter_config.json: target_parameters must be a list of names, got {short(targets)}")
+    matches = lambda key: any(key == t or key.endswith(f".{t}") for t in targets)  # noqa: E731  PEFT's rule
+    keys = {}
+    for module, params in experts.items():
+        targeted = [p for p in params if matches(f"{module}.{p}")]
+        for i, param in enumerate(targeted):
+            keys[module + ".base_layer" * (len(targeted) - 1 - i)] = f"{module}.{param}"
+    for target in targets:
+        if not any(param == target or param.endswith(f".{target}") for param in keys.values()):
+            served = sorted({f"{m.rsplit('.', 1)[-1]}.{p}" for m, params in experts.items() for p in params})
+            raise AdapterError(
+                f"{label}: target_parameters entry {short(target)} names no fused expert parameter of the base "
+                f"model (LoRA on parameters is served for {served or 'none: this base has no fused experts'})"
+            )
+    return keys
 
 
 def load_peft_adapter(
-    name: str, path: str | Path, linears: dict[str, LinearShape], dtype: torch.dtype, max_bytes: int | None = None
+    name: str,
+    path: str | Path,
+    linears: dict[str, LinearShape],
+    dtype: torch.dtype,
+    max_bytes: int | None = None,
+    experts: dict[str, dict[str, ExpertsShape]] | None = None,
 ) -> Adapter:
-    """Read and validate the PEFT LoRA adapter in directory ``path`` against the base model's ``linears``.
+    """Read and validate the PEFT LoRA adapter in directory ``path`` against the base model's ``linears`` and
+    fused ``experts`` (experts module -> its LoRA-able parameters, in registration order).
 
     Raises ``AdapterError`` naming the adapter, the offending file, key or value and what was expected
     (never the server's directories). A weights file over ``max_bytes`` is refused before it is read.
     """
-    label = f"adapter {_short(name)}"
+    label = f"adapter {short(name)}"
     path = Path(path)
-    config_bytes = _read_file(path, "adapter_config.json", label)
-    config = _parse_config(config_bytes, label)
-    weights_bytes = _read_file(path, "adapter_model.safetensors", label, max_bytes)
+    config_bytes = read_file(path, "adapter_config.json", label)
+    config = parse_config(config_bytes, label)
+    weights_bytes = read_file(path, "adapter_model.safetensors", label, max_bytes)
     digest = hashlib.sha256(config_bytes + b"\0" + weights_bytes).hexdigest()
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in _parse_tensors(weights_bytes, label).items():
+    for key, tensor in parse_tensors(weights_bytes, label).items():
         match = _KEY.match(key[len(_PREFIX) :]) if key.startswith(_PREFIX) else None
         if match is None:
             raise AdapterError(
-                f"{label}: unexpected tensor {_short(key)}; expected '{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'"
+                f"{label}: unexpected tensor {short(key)}; expected '{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'"
             )
         pairs.setdefault(match["module"], {})[match["which"]] = tensor
     if not pairs:
         raise AdapterError(f"{label}: adapter_model.safetensors holds no LoRA weights")
 
+    expert_keys = _expert_keys(label, config, experts or {})
+    missing = sorted(set(expert_keys) - set(pairs))
+    if missing:
+        raise AdapterError(
+            f"{label}: target_parameters covers {expert_keys[missing[0]]!r}, but adapter_model.safetensors has no "
+            f"'{_PREFIX}{missing[0]}.lora_A.weight' / '.lora_B.weight'"
+        )
     modules = {}
     for module, ab in sorted(pairs.items()):
-        modules[module] = _validate_module(label, module, ab, linears, config, dtype)
+        if module in expert_keys:
+            param = expert_keys[module]
+            shape = experts[param.rsplit(".", 1)[0]][param.rsplit(".", 1)[1]]
+            modules[param] = _validate_experts(label, module, param, ab, shape, config, dtype)
+        else:
+            modules[module] = _validate_module(label, module, ab, linears, config, dtype)
     return Adapter(name=name, path=str(path), modules=modules, digest=digest)
+
+
+def _rank_and_scale(config: dict, key: str) -> tuple[int, float]:
+    """PEFT's rank and scale of the module (or parameter) ``key``: rank/alpha patterns, then rsLoRA or alpha / r."""
+    rank = pattern_value(config.get("rank_pattern") or {}, key, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern") or {}, key, config["lora_alpha"])
+    return rank, float(alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank)
+
+
+def _check_values(label: str, module: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise AdapterError(f"{label}: {module} has {a.dtype} / {b.dtype} LoRA weights, expected floating point")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterError(f"{label}: {module} has non-finite LoRA weights")
+
+
+def _validate_experts(label, module, param, ab, shape: ExpertsShape, config, dtype) -> LoRAWeights:
+    """One fused experts parameter's LoRA, checked against its shape and laid out per expert (module docstring)."""
+    if set(ab) != {"A", "B"}:
+        raise AdapterError(f"{label}: {module} ({param}) has lora_{''.join(ab)} but not both lora_A and lora_B")
+    a, b = ab["A"], ab["B"]
+    rank, scale = _rank_and_scale(config, param)
+    e = shape.num_experts
+    expected_a, expected_b = (rank * e, shape.in_features), (shape.out_features, rank * e)
+    if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+        raise AdapterError(
+            f"{label}: {module}.lora_A.weight {tuple(a.shape)} / .lora_B.weight {tuple(b.shape)} do not fit {param} "
+            f"({e} experts, {shape.in_features} -> {shape.out_features}) with r={rank}: expected {expected_a} "
+            f"and {expected_b}"
+        )
+    _check_values(label, module, a, b)
+    a = a.reshape(e, rank, shape.in_features)
+    b = b.reshape(shape.out_features, rank, e).permute(2, 0, 1)
+    return LoRAWeights(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), scale=scale)
 
 
 def _validate_module(label, module, ab, linears, config, dtype) -> LoRAWeights:
     if module not in linears:
         targets = sorted({m.rsplit(".", 1)[-1] for m in linears})
         raise AdapterError(
-            f"{label}: adapter targets {_short(module)}, which is not a linear layer of the base model "
+            f"{label}: adapter targets {short(module)}, which is not a linear layer of the base model "
             f"(adaptable layers end in {targets})"
         )
     if set(ab) != {"A", "B"}:
         raise AdapterError(f"{label}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
     a, b = ab["A"], ab["B"]
     shape = linears[module]
-    rank = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    rank, scale = _rank_and_scale(config, module)
     expected_a, expected_b = (rank, shape.in_features), (shape.out_features, rank)
     if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
         raise AdapterError(
             f"{label}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; the base layer "
             f"({shape.in_features} -> {shape.out_features}) with r={rank} needs {expected_a} and {expected_b}"
         )
-    if not (a.is_floating_point() and b.is_floating_point()):
-        raise AdapterError(f"{label}: {module} has {a.dtype} / {b.dtype} LoRA weights, expected floating point")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise AdapterError(f"{label}: {module} has non-finite LoRA weights")
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return LoRAWeights(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), scale=float(scale))
+    _check_values(label, module, a, b)
+    return LoRAWeights(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), scale=scale)
 
 
 class AdapterStore:
@@ -216,8 +222,15 @@ class AdapterStore:
     host memory of all registered weights, each distinct copy counted once.
     """
 
-    def __init__(self, linears: dict[str, LinearShape], dtype: torch.dtype, max_bytes: int | None = None):
+    def __init__(
+        self,
+        linears: dict[str, LinearShape],
+        dtype: torch.dtype,
+        max_bytes: int | None = None,
+        experts: dict[str, dict[str, ExpertsShape]] | None = None,
+    ):
         self.linears = linears
+        self.experts = experts or {}
         self.dtype = dtype
         self.max_bytes = max_bytes
         self._adapters: dict[str, Adapter] = {}
@@ -237,7 +250,8 @@ class AdapterStore:
         left = None if self.max_bytes is None else self.max_bytes - self.host_bytes
         # Conversions to the store's dtype can at most quarter a file (float64 -> 16-bit), so a file over
         # four times what is left can never fit: refuse it before reading it.
-        return load_peft_adapter(name, path, self.linears, self.dtype, None if left is None else 4 * max(left, 0))
+        limit = None if left is None else 4 * max(left, 0)
+        return load_peft_adapter(name, path, self.linears, self.dtype, limit, self.experts)
 
     def add(self, adapter: Adapter) -> Adapter:
         """Register a validated adapter; returns it as stored (sharing the weights of an identical one).
@@ -285,7 +299,7 @@ class AdapterStore:
 
     def _require(self, name: str) -> str:
         if name not in self._adapters:
-            raise KeyError(f"unknown adapter {_short(name)}; registered: {len(self._adapters)} adapters")
+            raise KeyError(f"unknown adapter {short(name)}; registered: {len(self._adapters)} adapters")
         return name
 
 

@@ -1,7 +1,8 @@
 """``ModelRunner``: the Hugging Face model run on one step's packed batch, with paged attention and LoRA.
 
-The runner owns the model (its attention implementation switched to paged attention, the linears that
-adapters target wrapped on demand), the unified page pool and the KV layout. ``execute`` packs a step's
+The runner owns the model (its attention implementation switched to paged attention, its fused MoE
+experts to grouped GEMMs with per-(row, expert) LoRA (``moe_lora.py``), the linears that adapters target
+wrapped on demand), the unified page pool and the KV layout. ``execute`` packs a step's
 ``(request, new tokens)`` pairs into a ``StepBatch`` (built once: attention metadata and LoRA segments),
 runs the model once with it active, and returns the logits of the rows whose next token is sampled.
 """
@@ -13,9 +14,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from kernels.lora import PagedLoRA
+from kernels.lora import PagedExpertLoRA, PagedLoRA
 
-from .adapter_store import LinearShape
+from . import moe_lora
+from .adapter_store import ExpertsShape, LinearShape
 from .config import EngineConfig
 from .kv_layout import KVLayout
 from .lora_layers import wrap_linear
@@ -29,6 +31,7 @@ class ModelRunner:
     """Runs ``model`` (an HF causal LM, moved to ``config``'s device and dtype) on packed mixed batches."""
 
     def __init__(self, model: nn.Module, config: EngineConfig):
+        _check_attention(model)
         self.model = model.to(device=config.device or model.device, dtype=config.dtype or model.dtype).eval()
         self.model.set_attn_implementation(ATTENTION_NAME)
         text = model.config.get_text_config()
@@ -39,8 +42,10 @@ class ModelRunner:
         self.max_context: int | None = getattr(text, "max_position_embeddings", None)
         self.vocab_size: int = self.model.get_input_embeddings().num_embeddings
         self.num_adapters = config.max_resident_adapters  # rows of every adapted layer's page tables
-        self.lora_layers: dict[str, PagedLoRA] = {}  # module name -> its tables, as adapters target it
+        # module (or fused experts parameter) name -> its tables, as adapters target it
+        self.lora_layers: dict[str, PagedLoRA | PagedExpertLoRA] = {}
         self._active = ActiveStep()
+        self._experts = moe_lora.install(self.model, self._active)  # experts module name -> module
 
     def linear_shapes(self) -> dict[str, LinearShape]:
         """The linear layers an adapter may target (every ``nn.Linear`` but the output layer)."""
@@ -51,11 +56,19 @@ class ModelRunner:
             if isinstance(m, nn.Linear) and m is not output_layer
         }
 
-    def adapt(self, name: str) -> PagedLoRA:
-        """The page tables of linear ``name``, wrapping it for batched LoRA on first use."""
+    def expert_shapes(self) -> dict[str, dict[str, ExpertsShape]]:
+        """The fused experts parameters an adapter may target: experts module -> projection -> shape."""
+        return {name: moe_lora.projections(m) for name, m in self._experts.items()}
+
+    def adapt(self, name: str) -> PagedLoRA | PagedExpertLoRA:
+        """The page tables of linear (or fused experts parameter) ``name``, set up for batched LoRA on first use."""
         if name not in self.lora_layers:
-            wrapper = wrap_linear(self.model, name, self._active, self.pool.slots, self.num_adapters)
-            self.lora_layers[name] = wrapper.lora
+            module, _, param = name.rpartition(".")
+            if module in self._experts:
+                self.lora_layers[name] = moe_lora.adapt(self._experts[module], param, self.pool.slots, self.num_adapters)
+            else:
+                wrapper = wrap_linear(self.model, name, self._active, self.pool.slots, self.num_adapters)
+                self.lora_layers[name] = wrapper.lora
         return self.lora_layers[name]
 
     def execute(
@@ -75,3 +88,20 @@ class ModelRunner:
                 **{BATCH_KWARG: batch},
             ).logits[0]
         return logits, sampled
+
+
+def _check_attention(model: nn.Module) -> None:
+    """Refuse, naming the family, models whose attention paged attention would compute wrongly."""
+    text = model.config.get_text_config()
+    family = getattr(text, "model_type", None) or type(model).__name__
+    if getattr(text, "kv_lora_rank", None):
+        raise ValueError(
+            f"lora_serve cannot serve {family!r} models: their multi-head latent attention (keys "
+            f"{getattr(text, 'qk_head_dim', '?')} and values {getattr(text, 'v_head_dim', '?')} wide per head) does "
+            "not fit the paged KV layout, which stores keys and values of one head_dim"
+        )
+    if any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in model.modules()):
+        raise ValueError(
+            f"lora_serve cannot serve {family!r} models: their attention adds learned sink logits to the softmax, "
+            "which paged attention does not apply"
+        )

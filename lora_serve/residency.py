@@ -1,7 +1,8 @@
 """Which adapters are in the page pool: on-demand copy-in, LRU eviction of idle adapters, pinning.
 
 An adapter is *resident* when its A/B rank-rows are in pool slots and a table index ``m`` in
-``[0, capacity)`` points every adapted layer's page tables (``kernels.PagedLoRA``) at them. Residents used
+``[0, capacity)`` points every adapted layer's page tables (``kernels.PagedLoRA``, or
+``kernels.lora.PagedExpertLoRA`` for a fused experts parameter: same protocol, one entry per expert) at them. Residents used
 by running requests (``users > 0``) and pinned ones are never evicted; idle residents stay cached (a later
 request for them costs nothing) until their slots or index are needed, then the least recently used goes first.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora import PagedLoRA
+from kernels.lora import PagedExpertLoRA, PagedLoRA
 
 from .adapter_store import Adapter
 from .pool import PagePool, SlotOwner
@@ -37,7 +38,7 @@ class Resident:
 class AdapterResidency:
     """Moves adapters between the host store and the pool for the wrappers in ``layers``."""
 
-    def __init__(self, pool: PagePool, layers: dict[str, PagedLoRA], capacity: int):
+    def __init__(self, pool: PagePool, layers: dict[str, PagedLoRA | PagedExpertLoRA], capacity: int):
         self.pool = pool
         self.layers = layers  # shared with the model runner, which adds tables as adapters target new layers
         self.capacity = capacity

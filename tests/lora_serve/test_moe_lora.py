@@ -1,0 +1,177 @@
+"""Oracle: PEFT adapters with LoRA on fused MoE experts, served in one mixed batch, equal PEFT per adapter.
+
+Tiny MoE bases of four families (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE with top-3 routing,
+OLMoE; Mixtral also with top-1) carry three PEFT adapters of different ranks that put LoRA on the fused
+expert parameters (``target_parameters``), one on experts and attention, one with a ``rank_pattern`` giving
+its two expert projections different ranks, one on ``gate_up_proj`` alone (PEFT saves it without the nested
+``base_layer``). The engine runs them with base-model rows in one batch, prompts of 1, 7 and 13 tokens
+and a token budget that splits prefills; tokens routed to an expert with no other token, and experts with
+no token at all, occur in every decode step (6 experts, 2-4 tokens).
+
+The oracle is PEFT's own ``PeftModel`` (which applies ``W + ΔW`` for every expert) on the same weights:
+greedy tokens must be identical, and every sampled row's logits must equal PEFT's teacher-forced logits at
+that position. fp32 tolerance: the engine computes ``x Wᵀ + (x Aᵀ) Bᵀ`` in another summation order than
+``x (W + BA)ᵀ``; with logits of magnitude ~10 and ~100-term fp32 sums per layer the rounding differences
+are ~1e-6 (measured max 2e-6), so 1e-4 absolute is a wide margin that a wrong expert, adapter, rank or
+scale (logit changes of order 1) could never meet.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from peft import PeftModel
+
+from lora_serve import Engine, EngineConfig, SamplingParams
+
+_COMMON = dict(vocab_size=96, hidden_size=44, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+               max_position_embeddings=128, head_dim=12, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+               pad_token_id=0)
+# Awkward sizes (hidden 44, expert width 40: gate_up is 80 wide, two 44-wide pool slots per rank-row).
+FAMILIES = {
+    "mixtral": ("MixtralConfig", dict(intermediate_size=40, num_local_experts=6, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(intermediate_size=56, moe_intermediate_size=40, num_experts=6,
+                                         num_experts_per_tok=2, shared_expert_intermediate_size=52,
+                                         decoder_sparse_step=1, mlp_only_layers=[])),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(intermediate_size=56, moe_intermediate_size=40, num_experts=6,
+                                         num_experts_per_tok=3, norm_topk_prob=True, decoder_sparse_step=1,
+                                         mlp_only_layers=[])),
+    "olmoe": ("OlmoeConfig", dict(hidden_size=48, intermediate_size=40, num_experts=6, num_experts_per_tok=2)),
+}
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+ADAPTERS = {  # name -> (rank, target_modules, target_parameters, extra LoRA options)
+    "experts_r4": (4, [], EXPERTS, {}),
+    "attn_experts_r8": (8, ["q_proj", "v_proj"], EXPERTS, {"rank_pattern": {"mlp.experts.down_proj": 3}}),
+    "gate_up_r16": (16, [], ["mlp.experts.gate_up_proj"], {"alpha": 5}),
+}
+PROMPTS = [[5, 17, 33, 9, 41, 77, 12], [60], [44, 45, 46, 47, 48, 49, 50, 8, 19, 3, 90, 91, 92]]
+NEW_TOKENS = 6
+ATOL = 1e-4  # fp32, see the module docstring
+
+
+def tiny_moe(family: str, seed: int = 0, dtype=torch.float32, **overrides) -> torch.nn.Module:
+    """A seeded tiny causal LM of ``family``; routers scaled up so routing is decisive and uneven."""
+    class_name, extra = FAMILIES[family]
+    config = getattr(transformers, class_name)(**{**_COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 3:  # fused experts
+                param.normal_(0.0, 0.1)
+            elif name.endswith("gate.weight"):  # routers (and Qwen2-MoE's shared-expert gate)
+                param.normal_(0.0, 0.5)
+            elif param.dim() > 1:
+                param.mul_(4)
+    return model.to(dtype).eval()
+
+
+def save_adapters(lora, base, tmp_path, adapters=ADAPTERS) -> dict:
+    """Save each adapter of ``adapters`` for ``base`` (random A and B, std 0.1) and return name -> path."""
+    paths = {}
+    for seed, (name, (rank, modules, params, options)) in enumerate(adapters.items()):
+        paths[name] = tmp_path / name
+        lora.save_adapter(base, paths[name], rank, modules, seed=seed, std=0.1, target_parameters=params, **options)
+    return paths
+
+
+def record_logits(engine: Engine) -> dict[str, list[torch.Tensor]]:
+    """Wrap the engine's runner so every sampled row's logits are kept, by request id, in step order."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    execute = engine.runner.execute
+
+    def recording(scheduled, adapter_index):
+        logits, sampled = execute(scheduled, adapter_index)
+        for row, request in zip(logits, sampled):
+            seen.setdefault(request.request_id, []).append(row.float().clone())
+        return logits, sampled
+
+    engine.runner.execute = recording
+    return seen
+
+
+def oracle_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """PEFT's (or the base model's) logits predicting each generated token, teacher-forced: ``[len(tokens), V]``."""
+    ids = torch.tensor([prompt + tokens[:-1]])
+    with torch.no_grad():
+        return model(ids).logits[0, len(prompt) - 1 :].float()
+
+
+def run_mixed(engine, paths, prompts=PROMPTS):
+    """Every adapter and the base model on every prompt, all in one ``generate``; returns (jobs, completions)."""
+    jobs = [(adapter, prompt) for adapter in [*paths, None] for prompt in prompts]
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    return jobs, engine.generate([p for _, p in jobs], greedy, [a for a, _ in jobs])
+
+
+@pytest.mark.parametrize(
+    "family, overrides",
+    [("mixtral", {}), ("mixtral", {"num_experts_per_tok": 1}), ("qwen2_moe", {}), ("qwen3_moe", {}), ("olmoe", {})],
+    ids=["mixtral", "mixtral-top1", "qwen2_moe", "qwen3_moe-top3", "olmoe"],
+)
+def test_mixed_batch_matches_peft_per_adapter(family, overrides, tmp_path, lora, device):
+    base = tiny_moe(family, **overrides)
+    paths = save_adapters(lora, base, tmp_path)
+    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=20000, max_batch_tokens=16, device=device))
+    for name, path in paths.items():
+        engine.add_adapter(name, path)
+    logits = record_logits(engine)
+    jobs, results = run_mixed(engine, paths)
+
+    oracles = {name: PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval() for name, path in paths.items()}
+    oracles[None] = base
+    for (adapter, prompt), result in zip(jobs, results):
+        where = f"{family} adapter={adapter} prompt of {len(prompt)}"
+        expected = lora.hf_generate(oracles[adapter], prompt, NEW_TOKENS)
+        assert result.token_ids == expected, where
+        got = torch.stack(logits[result.request_id]).cpu()
+        torch.testing.assert_close(got, oracle_logits(oracles[adapter], prompt, expected), atol=ATOL, rtol=0,
+                                   msg=lambda m: f"{where}: {m}")
+
+
+def test_expert_adapters_change_the_output(tmp_path, lora):
+    """Guard for the oracle test: each adapter moves the logits by far more than the tolerance."""
+    base = tiny_moe("mixtral")
+    paths = save_adapters(lora, base, tmp_path)
+    prompt = PROMPTS[0]
+    reference = oracle_logits(base, prompt, [0])
+    for path in paths.values():
+        adapted = oracle_logits(PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval(), prompt, [0])
+        assert (adapted - reference).abs().max() > 1000 * ATOL
+
+
+def test_pool_accounting_hot_unload_and_eviction(tmp_path, lora):
+    """Expert LoRA pages are counted like any adapter's, freed on unload and eviction, and come back right."""
+    base = tiny_moe("mixtral")
+    paths = save_adapters(lora, base, tmp_path)
+    config = EngineConfig(pool_slots=20000, max_batch_tokens=64, max_resident_adapters=2)
+    engine = Engine(copy.deepcopy(base), config=config)
+    infos = {name: engine.add_adapter(name, path) for name, path in paths.items()}
+    # experts_r4 on 2 layers: gate_up (6 experts x r4 x (1 slot of A + 2 of B^T)) + down (6 x 4 x (1 + 1)).
+    assert infos["experts_r4"].pool_slots == 2 * (6 * 4 * 3 + 6 * 4 * 2)
+    assert engine.pool_stats().adapters == 0  # registered, not resident
+
+    prompt = PROMPTS[0]
+    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    expected = {n: lora.peft_generate(base, p, prompt, NEW_TOKENS) for n, p in paths.items()}
+    for name in ["experts_r4", "attn_experts_r8"]:
+        assert engine.generate([prompt], greedy, name)[0].token_ids == expected[name]
+    assert engine.pool_stats().adapters == infos["experts_r4"].pool_slots + infos["attn_experts_r8"].pool_slots
+    # A third adapter with room for two residents evicts the least recently used one.
+    assert engine.generate([prompt], greedy, "gate_up_r16")[0].token_ids == expected["gate_up_r16"]
+    assert engine.stats().adapter_evictions == 1
+    assert engine.pool_stats().adapters == infos["attn_experts_r8"].pool_slots + infos["gate_up_r16"].pool_slots
+
+    engine.remove_adapter("gate_up_r16")
+    assert engine.pool_stats().adapters == infos["attn_experts_r8"].pool_slots
+    engine.pin_adapter("experts_r4")
+    engine.add_adapter("gate_up_again", paths["gate_up_r16"])  # hot load under a new name
+    results = engine.generate([prompt] * 3, greedy, ["gate_up_again", "experts_r4", None])
+    assert [r.token_ids for r in results] == [
+        expected["gate_up_r16"], expected["experts_r4"], lora.hf_generate(base, prompt, NEW_TOKENS)
+    ]
+    assert engine.adapters.residency.get("experts_r4").pinned
+    assert engine.pool_stats().kv == 0
