@@ -204,3 +204,81 @@ def test_pool_accounting_hot_unload_and_eviction(tmp_path, lora):
     ]
     assert engine.adapters.residency.get("experts_r4").pinned
     assert engine.pool_stats().kv == 0
+
+
+def _edit_adapter(src, dst, config_change=None, drop_keys=""):
+    """A copy of the adapter in ``src`` at ``dst``, its config updated by ``config_change`` and without the
+    tensors whose key contains ``drop_keys`` (an empty string drops nothing)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "adapter_config.json").read_text())
+    (dst / "adapter_config.json").write_text(json.dumps({**config, **(config_change or {})}))
+    tensors = load_file(dst / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if not drop_keys or drop_keys not in k}, dst / "adapter_model.safetensors")
+    return dst
+
+
+def test_bad_expert_adapters_are_refused_by_name_and_others_keep_serving(tmp_path, lora):
+    base = tiny_moe("mixtral")
+    good = save_adapters(lora, base, tmp_path / "good", {"ok": ADAPTERS["experts_r4"]})["ok"]
+    other_base = tiny_moe("mixtral", num_local_experts=4)
+    four_experts = save_adapters(lora, other_base, tmp_path / "four", {"e4": ADAPTERS["experts_r4"]})["e4"]
+    router = save_adapters(lora, base, tmp_path / "router", {"router": (4, [], ["mlp.gate.weight"], {})})["router"]
+    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=1500, max_batch_tokens=64))
+    engine.add_adapter("ok", good)
+    prompt, greedy = PROMPTS[0], SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    before = engine.generate([prompt], greedy, "ok")[0].token_ids
+    pool_before = engine.pool_stats().adapters
+
+    bad = {
+        "no such parameter": (
+            _edit_adapter(good, tmp_path / "up", {"target_parameters": ["mlp.experts.up_proj", EXPERTS[1]]}),
+            r"target_parameters entry 'mlp.experts.up_proj' names no fused expert parameter of the base model "
+            r"\(LoRA on parameters is served for \['experts.down_proj', 'experts.gate_up_proj'\]\)",
+        ),
+        "expert count": (
+            four_experts,
+            r"model.layers.0.mlp.experts.lora_A.weight \(16, 40\) / .lora_B.weight \(44, 16\) do not fit "
+            r"model.layers.0.mlp.experts.down_proj \(6 experts, 40 -> 44\) with r=4: expected \(24, 40\) and \(44, 24\)",
+        ),
+        "missing tensors": (
+            _edit_adapter(good, tmp_path / "half", drop_keys="layers.1.mlp.experts.lora_"),
+            r"target_parameters covers 'model.layers.1.mlp.experts.down_proj', but adapter_model.safetensors has no "
+            r"'base_model.model.model.layers.1.mlp.experts.lora_A.weight'",
+        ),
+        "router": (router, r"target_parameters entry 'mlp.gate.weight' names no fused expert parameter"),
+        "rank the pool cannot hold": (
+            save_adapters(lora, base, tmp_path / "big", {"big": (64, [], EXPERTS, {})})["big"],
+            r"adapter 'big' needs 3840 pool slots but the pool has only 1500",
+        ),
+    }
+    for what, (path, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            engine.add_adapter("big" if "rank" in what else "bad", path)
+    assert [a.name for a in engine.list_adapters()] == ["ok"]
+    assert engine.pool_stats().adapters == pool_before
+    assert engine.generate([prompt], greedy, "ok")[0].token_ids == before == lora.peft_generate(
+        base, good, prompt, NEW_TOKENS
+    )
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (transformers.DeepseekV3Config(**{**_COMMON, "head_dim": 8}, intermediate_size=56, moe_intermediate_size=40,
+                                       n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                                       q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=12,
+                                       v_head_dim=12),
+         r"cannot serve 'deepseek_v3' models: their multi-head latent attention \(keys 20 and values 12 wide"),
+        (transformers.GptOssConfig(**_COMMON, intermediate_size=40, num_local_experts=6, num_experts_per_tok=2),
+         r"cannot serve 'gpt_oss' models: their attention adds learned sink logits"),
+    ],
+    ids=["deepseek_v3", "gpt_oss"],
+)
+def test_families_whose_attention_does_not_fit_are_refused_by_name(config, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(transformers.AutoModelForCausalLM.from_config(config))
