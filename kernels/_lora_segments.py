@@ -81,8 +81,14 @@ class LoRASegments:
                     runs.append((adapter, start, start + count))
                 start += count
             return runs
-        starts = list(itertools.accumulate(self._counts, initial=0))
-        return [(a - 1, starts[a], starts[a + 1]) for a in range(1, len(self._counts)) if self._counts[a]]
+        # Only the adapters that have rows: a table of many adapters (MoE experts: adapters x experts
+        # entries) must not cost a loop over every entry per call.
+        counter = collections.Counter(self._host_rows)
+        runs, start = [], counter.get(-1, 0)
+        for adapter in sorted(a for a in counter if a >= 0):
+            runs.append((adapter, start, start + counter[adapter]))
+            start += counter[adapter]
+        return runs
 
     def rows(self, start: int, stop: int) -> slice | torch.Tensor:
         """The batch rows at positions ``[start, stop)`` of ``row_order``: a slice when ``packed``, else indices."""

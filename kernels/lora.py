@@ -15,7 +15,7 @@ Tables are int32/int64 ``[num_adapters, max_rank * c]``; entries past an adapter
 value, e.g. -1). The maximal rank is ``R = a_table.shape[1] // cK``. :class:`PagedLoRA` keeps one layer's
 tables (and packs adapters into this layout); :func:`add_lora` applies them in one call.
 :class:`PagedExpertLoRA` holds a fused MoE experts projection's adapters as one ``PagedLoRA`` over
-(adapter, expert) pairs, applied by the same :func:`add_lora`.
+(adapter, expert) pairs; :func:`add_expert_lora` applies them (the same kernels on GPU).
 
 Segments. Every op takes the batch's rows grouped by adapter as a :class:`LoRASegments`, built once per
 step and passed to every layer's ops (vLLM's punica wrapper builds its metadata once per step the same
@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from . import _lora_torch, backend
-from ._lora_experts import PagedExpertLoRA
+from ._lora_experts import PagedExpertLoRA, add_expert_lora
 from ._lora_segments import INT_TYPES, LoRASegments
 
-__all__ = ["LoRASegments", "PagedExpertLoRA", "PagedLoRA", "add_lora", "lora_expand", "lora_shrink"]
+__all__ = ["LoRASegments", "PagedExpertLoRA", "PagedLoRA", "add_expert_lora", "add_lora", "lora_expand", "lora_shrink"]
 
 
 def lora_shrink(x, pool, a_table, ranks, segments) -> torch.Tensor:

@@ -10,7 +10,7 @@ own router, gating and shared experts untouched. Per layer:
 2. when the step has adapter rows, the pairs are grouped by (row's adapter, expert) once
    (``PagedExpertLoRA.segments``, from the step's ``LoRASegments.row_adapter``) and each projection adds
    ``scale · x A_{a,e}ᵀ B_{a,e}ᵀ`` to its output with one grouped shrink and one grouped expand
-   (``kernels.lora.add_lora``), reading the adapters from the paged pool; ``W + ΔW`` is never formed.
+   (``kernels.lora.add_expert_lora``), reading the adapters from the paged pool; ``W + ΔW`` is never formed.
 
 LoRA is added to a projection's output before the activation (gate_up) and before the gate weight and
 bias (down), which is where PEFT's ``W + ΔW`` puts it. The step comes from the engine's ``ActiveStep``,
@@ -24,7 +24,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from kernels import grouped_mm
-from kernels.lora import PagedExpertLoRA, PagedLoRA, add_lora
+from kernels.lora import PagedExpertLoRA, PagedLoRA, add_expert_lora
 
 from .adapter_store import ExpertsShape
 from .step_batch import ActiveStep
@@ -86,7 +86,7 @@ class ExpertsLoRA:
         """``y += scale · x A_{a,e}ᵀ B_{a,e}ᵀ`` per pair for projection ``param`` (nothing if not adapted)."""
         tables = self.projections.get(param)
         if segments is not None and tables is not None and tables.num_set:
-            add_lora(y, x, tables.paged, segments)
+            add_expert_lora(y, x, tables, segments)
 
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels import LoRASegments, PagedLoRA, add_lora, lora_expand, lora_shrink, use_backend
-from kernels.lora import PagedExpertLoRA
+from kernels.lora import PagedExpertLoRA, add_expert_lora
 
 K_DIM, N_DIM, SLOT_WIDTH = 100, 33, 16  # both span several 16-wide slots, the last one partly
 RANKS = [1, 8, 16, 64, 8]  # adapter 4 gets no rows in any batch below
@@ -267,7 +267,7 @@ def test_expert_lora_matches_dense_math_per_pair(backend, scattered, pairs, devi
             expected[t] += scale * (x[t] @ a[expert].t() @ b[expert].t())
     segments = tables.segments(row_adapter.to(device), row_expert.to(device))
     with use_backend(backend):
-        got = add_lora(y.to(device), x.to(device), tables.paged, segments)
+        got = add_expert_lora(y.to(device), x.to(device), tables, segments)
     torch.testing.assert_close(got.cpu(), expected, **TOL[torch.float32])
 
 
@@ -281,7 +281,7 @@ def test_expert_lora_triton_matches_torch_in_half_precision(dtype, device):
     results = {}
     for backend in ("torch", "triton"):
         with use_backend(backend):
-            results[backend] = add_lora(y.clone(), x, tables.paged, segments)
+            results[backend] = add_expert_lora(y.clone(), x, tables, segments)
     torch.testing.assert_close(results["triton"], results["torch"], **TOL[dtype])
 
 
@@ -300,3 +300,6 @@ def test_expert_lora_bookkeeping_and_bad_input():
         PagedExpertLoRA(PagedLoRA(torch.zeros(8, SLOT_WIDTH), K_DIM, N_DIM, 6), 4)
     with pytest.raises(ValueError, match="must be 1-D of one length"):
         tables.segments(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    segments = tables.segments(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"tables are for 100 -> 33, got 33 -> 33"):
+        add_expert_lora(torch.zeros(2, N_DIM), torch.zeros(2, N_DIM), tables, segments)
