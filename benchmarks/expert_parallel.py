@@ -90,7 +90,7 @@ def _layers(args, ep_size: int, stamps: dict):
 
     ours = MoELayer(MoEConfig(num_experts=experts, top_k=args.top_k, hidden_size=hidden, intermediate_size=width,
                               ep_size=ep_size, balance="none", renormalize=args.top_k > 1))
-    local = ours.experts.ep.local_experts
+    local = ours.moeplug.ep.local_experts
     with torch.no_grad():
         ours.router.weight.copy_(router)
         ours.experts.gate_up_proj.copy_(gate_up[local.start:local.stop])

@@ -184,7 +184,7 @@ def replica_sweep(fit, test, counts, refine_passes=None) -> dict:
     return sweep
 
 
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(parser, steps=400, micro_batches=2, length=128, layers=6, hidden=96, expert_width=96,
                       coef=0.01)
@@ -210,11 +210,46 @@ def main() -> None:
         args.trace_batches, args.ilp_seconds, args.measure_steps, args.experts, args.replicas = 1, 1, 1, 8, 4
         args.refine_passes = args.refine_passes or 2
         args.replica_sweep = "0,4"
+    if args.traces is not None and args.measure:
+        parser.error("--measure needs the trained model; --traces has only the routing traces")
+    return args
+
+
+def _placement_rows(chosen: dict, test: RoutingTrace, hidden: int) -> dict:
+    """Predicted held-out traffic and balance of each plan, and its change against the contiguous layout."""
+    rows = {}
+    for name, plan in chosen.items():
+        costs = evaluate(test, plan, row_bytes=hidden * 4, bandwidth=50e9)
+        rows[name] = {"standard_sends": costs["standard"].traffic, "coherent_hops": costs["context_coherent"].traffic,
+                      "per_choice_rows": costs["standard_rows"].traffic,
+                      "max_mean_load": float(costs["standard"].max_mean_load.max()),
+                      "max_mean_load_mean": float(costs["standard"].max_mean_load.mean()),
+                      "plan_info": {k: v for k, v in plan.info.items() if k != "traffic_model"}}
+    base = rows["contiguous"]
+    for row in rows.values():
+        row["standard_vs_contiguous"] = row["standard_sends"] / base["standard_sends"] - 1
+        row["coherent_vs_contiguous"] = row["coherent_hops"] / base["coherent_hops"] - 1
+    return rows
+
+
+def _print_summary(result: dict) -> None:
+    print(f"trained {result['train_steps']} steps in {result['train_s']:.0f} s; held-out tokens "
+          f"{result['held_out_tokens']}; affinity {result['affinity_held_out']}")
+    print(f"{'placement':<24} {'std sends':>10} {'vs contig':>9} {'coh hops':>10} {'vs contig':>9} {'max/mean':>8}")
+    for name, row in result["placements"].items():
+        print(f"{name:<24} {row['standard_sends']:>10.0f} {row['standard_vs_contiguous']:>+9.1%} "
+              f"{row['coherent_hops']:>10.0f} {row['coherent_vs_contiguous']:>+9.1%} {row['max_mean_load']:>8.3f}")
+    print("replicas per layer -> worst-layer max/mean (fit, held-out):",
+          {r: (round(v["fit"], 3), round(v["held_out"], 3)) for r, v in result["replica_sweep"].items()})
+    for key, found in result.get("measured", {}).items():
+        print(f"{key:<36} step {found['step_s']:.3f} s  cross-rank rows/step {found['cross_rank_rows_per_step']:.0f}")
+
+
+def main() -> None:
+    args = _parse_args()
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.traces is not None:  # the planning half of P5 from recorded traces: needs neither model nor corpus
-        if args.measure:
-            parser.error("--measure needs the trained model; --traces has only the routing traces")
         model, steps, seconds = None, 0, 0.0
         fit = RoutingTrace.load(args.traces / "fit.safetensors")
         test = RoutingTrace.load(args.traces / "held_out.safetensors")
@@ -226,38 +261,17 @@ def main() -> None:
         fit.save(args.out / "fit.safetensors")
         test.save(args.out / "held_out.safetensors")
     chosen = plans(fit, args)
-    row_bytes = args.hidden * 4
-    rows = {}
-    for name, plan in chosen.items():
-        costs = evaluate(test, plan, row_bytes=row_bytes, bandwidth=50e9)
-        rows[name] = {"standard_sends": costs["standard"].traffic, "coherent_hops": costs["context_coherent"].traffic,
-                      "per_choice_rows": costs["standard_rows"].traffic,
-                      "max_mean_load": float(costs["standard"].max_mean_load.max()),
-                      "max_mean_load_mean": float(costs["standard"].max_mean_load.mean()),
-                      "plan_info": {k: v for k, v in plan.info.items() if k != "traffic_model"}}
-    base = rows["contiguous"]
-    for row in rows.values():
-        row["standard_vs_contiguous"] = row["standard_sends"] / base["standard_sends"] - 1
-        row["coherent_vs_contiguous"] = row["coherent_hops"] / base["coherent_hops"] - 1
     sweep = replica_sweep(fit, test, [int(v) for v in args.replica_sweep.split(",")], args.refine_passes)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "train_steps": steps, "train_s": seconds,
               "held_out_tokens": test.tokens, "affinity_fit": affinity_stats(fit), "affinity_held_out": affinity_stats(test),
-              "placements": rows, "replica_sweep": sweep}
+              "placements": _placement_rows(chosen, test, args.hidden), "replica_sweep": sweep}
     if args.load is None and model is not None:
         torch.save(model.state_dict(), args.out / "model.pt")
     if args.measure:
         measured = ["contiguous", "greedy_coherent", f"greedy_replicas{args.replicas}", "ilp_standard"]
         result["measured"] = measure(args, model, {name: chosen[name] for name in measured}, held_out)
     (args.out / "result.json").write_text(json.dumps(result, indent=1, default=str))
-    print(f"trained {steps} steps in {seconds:.0f} s; held-out tokens {test.tokens}; affinity {result['affinity_held_out']}")
-    print(f"{'placement':<24} {'std sends':>10} {'vs contig':>9} {'coh hops':>10} {'vs contig':>9} {'max/mean':>8}")
-    for name, row in rows.items():
-        print(f"{name:<24} {row['standard_sends']:>10.0f} {row['standard_vs_contiguous']:>+9.1%} "
-              f"{row['coherent_hops']:>10.0f} {row['coherent_vs_contiguous']:>+9.1%} {row['max_mean_load']:>8.3f}")
-    print("replicas per layer -> worst-layer max/mean (fit, held-out):",
-          {r: (round(v["fit"], 3), round(v["held_out"], 3)) for r, v in sweep.items()})
-    for key, found in result.get("measured", {}).items():
-        print(f"{key:<36} step {found['step_s']:.3f} s  cross-rank rows/step {found['cross_rank_rows_per_step']:.0f}")
+    _print_summary(result)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,11 @@
 Each op is declared with a schema on a ``torch.library.Library`` fragment of the ``moeplug_kernels``
 namespace, with one implementation for every device (the implementation picks Triton or torch, see
 :mod:`kernels.backend`) and a fake implementation for ``torch.compile`` / ``torch.export`` tracing.
-``torch.library.custom_op`` would do the same, but its Python wrapper costs ~70 µs per call on this CPU
-(measured: 103 µs vs 45 µs for a 128-row grouped GEMM whose math takes 35 µs); an MoE block's forward
-and backward make six such calls, which dominated small batches and decode steps.
+``torch.library.custom_op`` would do the same, but its Python wrapper costs more host time per call than
+a small grouped GEMM's math; an MoE block's forward and backward make six such calls, which dominated
+small batches and decode steps.
 
-Calling an op still costs a dispatcher round trip into Python (~40 µs here), which only tracing needs:
+Calling an op still costs a dispatcher round trip into Python, which only tracing needs:
 :class:`KernelOp` goes through the dispatcher under ``torch.compile`` / ``torch.export`` and for meta
 tensors, and calls the implementation directly otherwise.
 """

@@ -93,12 +93,14 @@ def _grouped_mm_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``torch._grouped_mm(a, b, offs)`` accepts these operands.
 
     Only the CPU build is used: on GPUs its dtype/architecture support varies and the Triton kernels run
-    there anyway. It needs every non-unit stride of both operands and of its ``[..., N]`` output to be a
-    multiple of 16 bytes (e.g. K = 33 in fp32 is not).
+    there anyway. It needs each matrix of both operands to be row- or column-major (unit stride in one of
+    its last two dims: a LoRA factor permuted expert-last is neither), and every non-unit stride of both
+    operands and of its ``[..., N]`` output to be a multiple of 16 bytes (e.g. K = 33 in fp32 is not).
     """
     align = 16 // a.element_size()
     strides = (s for t in (a, b) for s, n in zip(t.stride(), t.shape) if s != 1 and n > 1)
-    return a.device.type == "cpu" and b.shape[-1] % align == 0 and all(s % align == 0 for s in strides)
+    major = all(1 in (t.stride(-1), t.stride(-2)) or 1 in t.shape[-2:] for t in (a, b))
+    return a.device.type == "cpu" and major and b.shape[-1] % align == 0 and all(s % align == 0 for s in strides)
 
 
 def _expert_slices(offsets: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -50,8 +50,8 @@ class KVLayout:
 
         Only the columns holding the vectors are gathered (one gather for both when they sit side by side
         in one slot, as they do for an even ``per_slot``): with SmolLM2's 192-wide KV in 576-wide slots
-        that is 2/3 of the bytes of whole slots, measured 1.6x faster. ``index_select`` rather than
-        advanced indexing: on CPU it measured 2.5-12x faster for these row gathers.
+        that is 2/3 of the bytes of whole slots. ``index_select`` rather than advanced indexing: on CPU
+        it is several times faster for these row gathers.
         """
         (key_column, key_offset), (value_column, value_offset) = self._where(layer, KEY), self._where(layer, VALUE)
 

@@ -13,16 +13,17 @@ from .controller import BalanceController
 from .fp8 import FP8AdamW, compress_activations
 from .layer import MoELayer
 from .router import Routing, route
+from .state import MoEState, moe_modules, router_stats
 from .upcycle import upcycle
 
 _LAZY = {
-    "SUPPORTED_FAMILIES": "hf", "PatchReport": "hf", "patch_model": "hf", "router_stats": "hf",
-    "unpatch_model": "hf",
+    "SUPPORTED_FAMILIES": "hf", "PatchReport": "hf", "patch_model": "hf", "unpatch_model": "hf",
 }
 
 __all__ = [
-    "BalanceController", "FP8AdamW", "MoEConfig", "MoELayer", "PatchReport", "RouterStats", "Routing", "SUPPORTED_FAMILIES",
-    "compress_activations", "load_balancing_loss", "patch_model", "route", "router_stats", "router_z_loss",
+    "BalanceController", "FP8AdamW", "MoEConfig", "MoELayer", "MoEState", "PatchReport", "RouterStats", "Routing",
+    "SUPPORTED_FAMILIES", "compress_activations", "load_balancing_loss", "moe_modules", "patch_model", "route",
+    "router_stats", "router_z_loss",
     "sequence_load_balancing_loss", "unpatch_model", "upcycle",
 ]
 

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .dispatch import ExpertParallel, expert_parallel_parameters
+from .dispatch import expert_parallel_parameters
+from .ep_layout import ExpertParallel
 
 FORMAT_VERSION = 1
 

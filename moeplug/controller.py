@@ -18,26 +18,7 @@ import torch
 from torch import nn
 
 from .accounting import StepCounts
-from .layer import MoELayer
-
-
-def balance_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every moeplug MoE layer of `model` by name: `MoELayer`s and routers patched by `patch_model`."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, MoELayer) or hasattr(m, "moeplug_step_counts")}
-
-
-def _step_counts_attr(module: nn.Module) -> str:
-    return "step_counts" if isinstance(module, MoELayer) else "moeplug_step_counts"
-
-
-def selection_bias(module: nn.Module) -> torch.Tensor:
-    """The per-expert bias a layer adds to scores when choosing experts (never to gate weights)."""
-    if isinstance(module, MoELayer):
-        return module.selection_bias
-    if hasattr(module, "e_score_correction_bias"):  # DeepSeek-V3 routers have their own
-        return module.e_score_correction_bias
-    return module.moeplug_selection_bias
+from .state import MoEState, moe_modules
 
 
 def _innermost(optimizer):
@@ -64,15 +45,14 @@ class BalanceController:
                  bias_update_rate: float = 0.0, group=None):
         if bias_update_rate < 0:
             raise ValueError(f"bias_update_rate={bias_update_rate} must be >= 0")
-        self.layers = balance_layers(model)
+        self.layers: dict[str, MoEState] = {m.name: m.state for m in moe_modules(model)}
         if not self.layers:
             raise ValueError("model has no moeplug MoE layers: call moeplug.patch_model(model) first "
                              "or build the model from moeplug.MoELayer")
         self.bias_update_rate = bias_update_rate
-        for module in self.layers.values():
-            setattr(module, _step_counts_attr(module), StepCounts(selection_bias(module).numel(), group))
-            if bias_update_rate > 0 and hasattr(module, "_moeplug"):
-                module._moeplug.biased_selection = True
+        for layer in self.layers.values():
+            layer.step_counts = StepCounts(layer.config.num_experts, group)
+            layer.biased_selection = bias_update_rate > 0
         self.last_step_counts: dict[str, torch.Tensor] = {}
         self.steps = 0
         self._hook = None
@@ -86,7 +66,7 @@ class BalanceController:
             self.step()
 
     def _counted_since_last_step(self) -> bool:
-        return any(getattr(m, _step_counts_attr(m)).micro_batches > 0 for m in self.layers.values())
+        return any(layer.step_counts.micro_batches > 0 for layer in self.layers.values())
 
     def step(self) -> dict[str, float]:
         """Close the current optimizer step: update biases, record loads, reset counts.
@@ -94,13 +74,13 @@ class BalanceController:
         Returns `metrics()`. Layers that saw no training forward this step are skipped.
         """
         self.last_step_counts = {}
-        for name, module in self.layers.items():
-            counts_of_step = getattr(module, _step_counts_attr(module))
+        for name, layer in self.layers.items():
+            counts_of_step = layer.step_counts
             if counts_of_step.micro_batches == 0:
                 continue
             counts, _ = counts_of_step.totals()
             if self.bias_update_rate > 0:
-                bias = selection_bias(module)
+                bias = layer.selection_bias
                 with torch.no_grad():
                     update = torch.sign(counts.mean() - counts) * self.bias_update_rate
                     bias.add_(update.to(bias.device, bias.dtype))
@@ -127,7 +107,7 @@ class BalanceController:
             out["moe/max_over_mean"] = sum(ratios.values()) / len(ratios)
             out["moe/max_over_mean_worst"] = max(ratios.values())
             out["moe/dead_experts"] = float(sum(int((c == 0).sum()) for c in self.last_step_counts.values()))
-        stats = [s for m in self.layers.values() if (s := getattr(m, "moeplug_stats", None) or getattr(m, "stats", None))]
+        stats = [layer.stats for layer in self.layers.values() if layer.stats is not None]
         if stats:
             out["moe/dropped"] = float(sum(s.dropped for s in stats))
             out["moe/entropy"] = sum(s.entropy for s in stats) / len(stats)
@@ -140,7 +120,8 @@ class BalanceController:
     def state_dict(self) -> dict:
         """Routing biases by layer name (save with the optimizer state; transformers checkpoints
         keep only DeepSeek-V3's own bias)."""
-        return {"steps": self.steps, "biases": {n: selection_bias(m).detach().cpu().clone() for n, m in self.layers.items()}}
+        return {"steps": self.steps,
+                "biases": {name: layer.selection_bias.detach().cpu().clone() for name, layer in self.layers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore biases saved by `state_dict` (layer names must match)."""
@@ -149,15 +130,14 @@ class BalanceController:
             raise KeyError(f"saved balance state lacks layers {missing}")
         self.steps = state["steps"]
         with torch.no_grad():
-            for name, module in self.layers.items():
-                bias = selection_bias(module)
+            for name, layer in self.layers.items():
+                bias = layer.selection_bias
                 bias.copy_(state["biases"][name].to(bias.device, bias.dtype))
 
     def close(self) -> None:
         """Stop accounting: remove the optimizer hook and the layers' step counters."""
         if self._hook is not None:
             self._hook.remove()
-        for module in self.layers.values():
-            setattr(module, _step_counts_attr(module), None)
-            if hasattr(module, "_moeplug"):
-                module._moeplug.biased_selection = False
+        for layer in self.layers.values():
+            layer.step_counts = None
+            layer.biased_selection = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,7 +18,8 @@ from torch import nn
 from kernels import grouped_mm
 from kernels.backend import use_triton
 
-from .dispatch import ExpertParallel, expert_parallel_forward
+from .dispatch import expert_parallel_forward
+from .ep_layout import ExpertParallel
 
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": nn.functional.silu,
@@ -26,18 +28,59 @@ ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def routed_experts_forward(
-    hidden: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
-    activation: Callable[[torch.Tensor], torch.Tensor],
-    in_bias: torch.Tensor | None = None,
-    out_bias: torch.Tensor | None = None,
-    post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    may_drop: bool = False,
-) -> torch.Tensor:
+@dataclass
+class LowRank:
+    """A per-expert low-rank update of a projection, (in, out) per expert: delta_e = scaling * first_e @ second_e.
+
+    first: [E, in, r]; second: [E, r, out]; any strides. A LoRA adapter's A_e^T and B_e^T.
+    """
+
+    first: torch.Tensor
+    second: torch.Tensor
+    scaling: float
+
+
+@dataclass
+class ExpertWeights:
+    """The weights of E routed experts as the grouped GEMMs read them.
+
+    Attributes:
+        w_in: [E, H, N] first projection as (in, out) per expert; any strides (a transposed view
+            of Hugging Face's [E, N, H] parameter is used as is).
+        w_out: [E, I, H] second projection, (in, out) per expert.
+        activation: maps the first projection's [S, N] output to [S, I] (e.g. SwiGLU, N = 2I).
+        in_bias / out_bias: optional [E, N] / [E, H] per-expert biases.
+        post_norm: optional module applied to each expert output before gating.
+        in_lora / out_lora: optional low-rank updates of w_in / w_out (LoRA on the experts), run as
+            two thin grouped GEMMs beside the projection, never added to the weights.
+    """
+
+    w_in: torch.Tensor
+    w_out: torch.Tensor
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    in_bias: torch.Tensor | None = None
+    out_bias: torch.Tensor | None = None
+    post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    in_lora: LowRank | None = None
+    out_lora: LowRank | None = None
+
+
+def _grouped_linear(rows: torch.Tensor, weight: torch.Tensor, lora: LowRank | None, offsets: torch.Tensor,
+                    gather_index: torch.Tensor | None = None, gates: torch.Tensor | None = None,
+                    scatter_index: torch.Tensor | None = None) -> torch.Tensor:
+    """`grouped_mm` of rows by (W_e + delta_e) per expert, with delta = `lora` applied as x A^T B^T.
+
+    Gating and scattering are linear, so the low-rank term takes the same epilogue as the main product.
+    """
+    out = grouped_mm(rows, weight, offsets, gather_index=gather_index, gates=gates, scatter_index=scatter_index)
+    if lora is None:
+        return out
+    low = grouped_mm(rows, lora.first, offsets, gather_index=gather_index)
+    return out + lora.scaling * grouped_mm(low, lora.second, offsets, gates=gates, scatter_index=scatter_index)
+
+
+def routed_experts_forward(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                           experts: ExpertWeights, may_drop: bool = False) -> torch.Tensor:
     """Apply each token's k experts and sum their gated outputs.
 
     Args:
@@ -45,12 +88,7 @@ def routed_experts_forward(
         top_k_index: [T, k] expert per slot; with `may_drop`, values >= E mark dropped slots.
         top_k_weights: [T, k] gate weight per slot (0 at dropped slots), in hidden's dtype or fp32:
             gates are applied and the k outputs summed in fp32 before rounding to hidden's dtype.
-        w_in: [E, H, N] first projection as (in, out) per expert; any strides (a transposed view
-            of Hugging Face's [E, N, H] parameter is used as is).
-        w_out: [E, I, H] second projection, (in, out) per expert.
-        activation: maps the first projection's [S, N] output to [S, I] (e.g. SwiGLU, N = 2I).
-        in_bias / out_bias: optional [E, N] / [E, H] per-expert biases.
-        post_norm: optional module applied to each expert output before gating.
+        experts: the experts' weights.
         may_drop: whether `top_k_index` can hold dropped slots (capacity, expert parallelism). In
             eager mode their rows are skipped, which needs the kept count on the host; under
             torch.compile/export they run through the last expert with their zero gate instead,
@@ -59,7 +97,7 @@ def routed_experts_forward(
         [T, H] in hidden's dtype.
     """
     tokens, top_k = top_k_index.shape
-    num_experts = w_in.shape[0]
+    num_experts = experts.w_in.shape[0]
     flat_expert = top_k_index.reshape(-1)
     skip_dropped = may_drop and not torch.compiler.is_compiling()
     if may_drop and not skip_dropped:
@@ -78,64 +116,51 @@ def routed_experts_forward(
 
     token_of_slot = order // top_k
     if use_triton(hidden.device):  # the kernel reads scattered rows itself (ScatterMoE)
-        projected = grouped_mm(hidden, w_in, offsets, gather_index=token_of_slot)
+        projected = _grouped_linear(hidden, experts.w_in, experts.in_lora, offsets, gather_index=token_of_slot)
     else:  # torch path: gather once and keep the rows for dW instead of gathering again in backward
-        projected = grouped_mm(hidden.index_select(0, token_of_slot), w_in, offsets)
-    if in_bias is not None:
-        projected = projected + in_bias[sorted_expert]
-    activated = activation(projected)
+        projected = _grouped_linear(hidden.index_select(0, token_of_slot), experts.w_in, experts.in_lora, offsets)
+    if experts.in_bias is not None:
+        projected = projected + experts.in_bias[sorted_expert]
+    activated = experts.activation(projected)
 
-    fuse_epilogue = out_bias is None and post_norm is None
-    out = grouped_mm(
-        activated, w_out, offsets,
+    fuse_epilogue = experts.out_bias is None and experts.post_norm is None
+    out = _grouped_linear(
+        activated, experts.w_out, experts.out_lora, offsets,
         gates=gates if fuse_epilogue else None,
         scatter_index=order if fuse_epilogue and all_kept else None,
     )
     if not fuse_epilogue:
-        if out_bias is not None:
-            out = out + out_bias[sorted_expert]
-        if post_norm is not None:
-            out = post_norm(out)
+        if experts.out_bias is not None:
+            out = out + experts.out_bias[sorted_expert]
+        if experts.post_norm is not None:
+            out = experts.post_norm(out)
         out = out * gates.unsqueeze(-1)
     if not (fuse_epilogue and all_kept):
         # Dropped slots contribute nothing: place kept rows back in (token, choice) order.
         out = out.new_zeros(tokens * top_k, out.shape[-1]).index_copy(0, order, out)
-    return out.view(tokens, top_k, w_out.shape[-1]).sum(dim=1, dtype=torch.float32).to(hidden.dtype)
+    return out.view(tokens, top_k, experts.w_out.shape[-1]).sum(dim=1, dtype=torch.float32).to(hidden.dtype)
 
 
-def run_experts(
-    hidden: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    w_in: torch.Tensor,
-    w_out: torch.Tensor,
-    activation: Callable[[torch.Tensor], torch.Tensor],
-    in_bias: torch.Tensor | None = None,
-    out_bias: torch.Tensor | None = None,
-    post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ep: ExpertParallel | None = None,
-    may_drop: bool = False,
-) -> torch.Tensor:
+def run_experts(hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                experts: ExpertWeights, ep: ExpertParallel, may_drop: bool = False) -> torch.Tensor:
     """`routed_experts_forward` on all experts, or across ranks when `ep` shards them.
 
-    With `ep`, the weights and biases hold only this rank's experts (local ids 0..E/P-1) while
+    With ep_size > 1, the weights hold only this rank's experts (local ids 0..E/P-1) while
     `top_k_index` holds global ids. `may_drop`: whether routing can drop slots (capacity).
     """
-    if ep is None or ep.ep_size == 1:
-        return routed_experts_forward(hidden, top_k_index, top_k_weights, w_in, w_out, activation,
-                                      in_bias, out_bias, post_norm, may_drop)
+    if ep.ep_size == 1:
+        return routed_experts_forward(hidden, top_k_index, top_k_weights, experts, may_drop)
 
     def local(rows: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
         ones = rows.new_ones(rows.shape[0], 1)
         # Padding columns of a message carry the local sentinel id: always skip them.
-        return routed_experts_forward(rows, local_ids.unsqueeze(1), ones, w_in, w_out, activation,
-                                      in_bias, out_bias, post_norm, may_drop=True)
+        return routed_experts_forward(rows, local_ids.unsqueeze(1), ones, experts, may_drop=True)
 
     return expert_parallel_forward(hidden, top_k_index, top_k_weights, local, ep)
 
 
 def shard_experts_(module: nn.Module, ep: ExpertParallel, names: tuple[str, ...]) -> None:
-    """Keep only this rank's experts in each [E, ...] parameter `names` of `module`, in place."""
+    """Keep only this rank's experts (contiguous layout) in each [E, ...] parameter `names` of `module`."""
     keep = slice(ep.local_experts.start, ep.local_experts.stop)
     for name in names:
         param = getattr(module, name, None)
@@ -157,17 +182,17 @@ def swiglu(activation: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torc
 
 
 class GroupedExperts(nn.Module):
-    """E gated (SwiGLU-style) experts stored as 3-D weights in Hugging Face's layout.
+    """The routed experts of a `MoELayer`: E gated (SwiGLU-style) experts as 3-D weights in Hugging Face's layout.
 
     gate_up_proj: [E, 2I, H] (gate rows first, then up rows); down_proj: [E, H, I].
     The same layout as transformers' Mixtral/Qwen experts, so weights copy over unchanged.
-    After `shard_(ep)` only this rank's E/P experts remain and tokens travel by all-to-all.
+    Its expert-parallel layout is its layer's `MoEState.ep` (attribute `moeplug`, set by `MoELayer`):
+    when sharded, only this rank's experts remain and tokens travel by all-to-all.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "silu"):
         super().__init__()
         self.num_experts = num_experts
-        self.ep: ExpertParallel | None = None
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.activation = swiglu(ACT_FNS[activation])
@@ -181,11 +206,6 @@ class GroupedExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 may_drop: bool = False) -> torch.Tensor:
-        """[T, H] tokens, [T, k] experts and gate weights -> [T, H] (`may_drop`: see `run_experts`)."""
-        return run_experts(hidden, top_k_index, top_k_weights, self.gate_up_proj.transpose(1, 2),
-                           self.down_proj.transpose(1, 2), self.activation, ep=self.ep, may_drop=may_drop)
-
-    def shard_(self, ep: ExpertParallel) -> None:
-        """Keep only this rank's experts (the same init on every rank gives the EP=1 weights)."""
-        shard_experts_(self, ep, ("gate_up_proj", "down_proj"))
-        self.ep = ep
+        """[T, H] tokens, [T, k] experts and gate weights -> [T, H] (`may_drop`: see `routed_experts_forward`)."""
+        weights = ExpertWeights(self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2), self.activation)
+        return run_experts(hidden, top_k_index, top_k_weights, weights, self.moeplug.ep, may_drop)

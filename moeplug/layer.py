@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .accounting import StepCounts
-from .balance import RouterStats, auxiliary_losses, track_step
+from .balance import RouterStats
 from .config import MoEConfig
-from .dispatch import expert_parallel
-from .experts import ACT_FNS, GroupedExperts
+from .ep_layout import expert_parallel
+from .experts import ACT_FNS, GroupedExperts, shard_experts_
 from .router import route
+from .state import MoEState, account_routing
 
 
 class SwiGLUMLP(nn.Module):
@@ -40,8 +40,8 @@ class MoELayer(nn.Module):
         add it to your loss (sum it over the model's MoELayers).
       - `stats`: a `RouterStats` with tokens per expert, dropped assignments, losses, entropy.
     `selection_bias` ([E] buffer, zeros) is added to scores when choosing experts only; the
-    aux-loss-free balancing update of `BalanceController` writes it. `step_counts` (set by the
-    controller) accumulates the expert loads of the current optimizer step.
+    aux-loss-free balancing update of `BalanceController` writes it. The layer's `MoEState`
+    (attribute `moeplug`, shared with its experts) holds its layout, step accounting and results.
     """
 
     def __init__(self, config: MoEConfig):
@@ -50,8 +50,9 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = GroupedExperts(config.num_experts, config.hidden_size, config.intermediate_size,
                                       config.activation)
-        if config.ep_size > 1:
-            self.experts.shard_(expert_parallel(config.ep_size, config.num_experts))
+        ep = expert_parallel(config.ep_size, config.num_experts)
+        if ep.ep_size > 1:  # the same init on every rank, then each keeps its own experts
+            shard_experts_(self.experts, ep, ("gate_up_proj", "down_proj"))
         self.shared_expert = None
         self.shared_expert_gate = None
         if config.shared_intermediate_size:
@@ -59,9 +60,17 @@ class MoELayer(nn.Module):
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
         self.register_buffer("selection_bias", torch.zeros(config.num_experts))
-        self.aux_loss: torch.Tensor | None = None
-        self.stats: RouterStats | None = None
-        self.step_counts: StepCounts | None = None
+        MoEState.attach(config, self, self.experts, ep, "selection_bias")
+
+    @property
+    def aux_loss(self) -> torch.Tensor | None:
+        """The weighted auxiliary loss of the last forward (None when no loss applies)."""
+        return self.moeplug.aux_loss
+
+    @property
+    def stats(self) -> RouterStats | None:
+        """Routing statistics of the last forward."""
+        return self.moeplug.stats
 
     def forward(self, hidden: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Route every token of `hidden` [..., H]; `token_mask` [...] excludes padding from losses."""
@@ -82,12 +91,5 @@ class MoELayer(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
             out = out + shared
         num_sequences = hidden.shape[0] if hidden.dim() == 3 else 1
-        global_counts = None
-        if self.training:
-            global_counts = track_step(self.step_counts, routing.selected, cfg.num_experts, cfg.balance, token_mask)
-        self.aux_loss, lbl, z = auxiliary_losses(
-            routing.logits, routing.scores, routing.selected, cfg.top_k, cfg.balance,
-            cfg.aux_loss_coef or 0.0, cfg.z_loss_coef, token_mask, num_sequences, global_counts,
-        )
-        self.stats = RouterStats(routing.top_k_index, routing.scores, routing.dropped, lbl, z)
+        account_routing(self.moeplug, routing, self.training, token_mask, num_sequences)
         return out.view_as(hidden)

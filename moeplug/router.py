@@ -68,6 +68,28 @@ def _group_limited_mask(choice_scores: torch.Tensor, num_groups: int, topk_group
     return group_mask.unsqueeze(-1).expand_as(grouped).reshape(tokens, experts)
 
 
+def routing_scores(logits: torch.Tensor, score_func: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate scores, balancing probabilities), both [T, E] fp32, from router logits [T, E].
+
+    Softmax scores are their own probabilities; sigmoid scores (DeepSeek-V3) are normalised to sum
+    to 1 per token for the balancing losses.
+    """
+    logits32 = logits.float()
+    if score_func == "softmax":
+        scores = torch.softmax(logits32, dim=-1)
+        return scores, scores
+    scores = torch.sigmoid(logits32)
+    return scores, scores / scores.sum(dim=-1, keepdim=True)
+
+
+def capped_routing(logits: torch.Tensor, probs: torch.Tensor, selected: torch.Tensor, weights: torch.Tensor,
+                   config: MoEConfig) -> Routing:
+    """The `Routing` of chosen experts [T, k] and gate weights, after `config`'s capacity dropping."""
+    index, weights, dropped = apply_capacity(selected, weights, probs, config.num_experts,
+                                             config.capacity_factor, config.drop_policy)
+    return Routing(logits, probs, index, weights, selected, dropped)
+
+
 def route(logits: torch.Tensor, config: MoEConfig, selection_bias: torch.Tensor | None = None) -> Routing:
     """Route tokens from router logits [T, E] according to `config`.
 
@@ -76,13 +98,7 @@ def route(logits: torch.Tensor, config: MoEConfig, selection_bias: torch.Tensor 
     Capacity dropping is applied when `config.capacity_factor` is set.
     """
     check_logits(logits, config.num_experts)
-    logits32 = logits.float()
-    if config.score_func == "softmax":
-        gate_scores = torch.softmax(logits32, dim=-1)
-        probs = gate_scores
-    else:
-        gate_scores = torch.sigmoid(logits32)
-        probs = gate_scores / gate_scores.sum(dim=-1, keepdim=True)
+    gate_scores, probs = routing_scores(logits, config.score_func)
     choice_scores = gate_scores if selection_bias is None else gate_scores + selection_bias.float()
     if config.num_groups > 1:
         mask = _group_limited_mask(choice_scores, config.num_groups, config.topk_groups)
@@ -92,9 +108,7 @@ def route(logits: torch.Tensor, config: MoEConfig, selection_bias: torch.Tensor 
     if config.renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = (weights * config.routed_scaling).to(logits.dtype)
-    index, weights, dropped = apply_capacity(selected, weights, probs, config.num_experts,
-                                             config.capacity_factor, config.drop_policy)
-    return Routing(logits, probs, index, weights, selected, dropped)
+    return capped_routing(logits, probs, selected, weights, config)
 
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:

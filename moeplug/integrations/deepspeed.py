@@ -53,7 +53,9 @@ from deepspeed.utils import groups
 from torch import nn
 
 import moeplug
-from moeplug.dispatch import ExpertParallel, expert_parallel_parameters, use_process_groups
+from moeplug.dispatch import expert_parallel_parameters
+from moeplug.ep_layout import ExpertParallel, use_process_groups
+from moeplug.state import moe_modules
 
 MARKER_NAME = "deepspeed_moe_marker"
 
@@ -128,9 +130,8 @@ class DeepSpeedExpertsMarker(MoE):
 
 
 def _layouts(model: nn.Module) -> dict[str, ExpertParallel]:
-    """Sharded experts modules of a patched model, by name."""
-    return {name: module.moeplug_ep for name, module in model.named_modules()
-            if isinstance(getattr(module, "moeplug_ep", None), ExpertParallel) and module.moeplug_ep.ep_size > 1}
+    """Sharded experts modules of a patched model or of `MoELayer`s, by name."""
+    return {layer.experts_name: layer.state.ep for layer in moe_modules(model) if layer.state.ep.ep_size > 1}
 
 
 def mark_expert_parameters(model: nn.Module) -> int:

@@ -12,18 +12,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..dispatch import ExpertParallel, expert_parallel_parameters
+from ..dispatch import expert_parallel_parameters
+from ..ep_layout import ExpertParallel
+from ..state import MoEState
 from .plan import Placement
-from .trace import experts_modules
+from .trace import moe_layers
 
 
-def _layout(module: nn.Module) -> tuple[str, ExpertParallel]:
-    for attr in ("moeplug_ep", "ep"):
-        ep = getattr(module, attr, None)
-        if isinstance(ep, ExpertParallel):
-            return attr, ep
-    raise ValueError(f"{type(module).__name__} is not expert-parallel; patch with ep_size > 1 (or MoEConfig.ep_size) "
-                     "before applying a placement")
+def _layout(name: str, state: MoEState) -> ExpertParallel:
+    if state.ep.ep_size == 1:
+        raise ValueError(f"{name} is not expert-parallel; patch with ep_size > 1 (or MoEConfig.ep_size) "
+                         "before applying a placement")
+    return state.ep
 
 
 def _table(ep: ExpertParallel) -> torch.Tensor:
@@ -66,11 +66,11 @@ def move_rows(tensor: torch.Tensor, old: ExpertParallel, new: ExpertParallel) ->
 
 def current_placement(model: nn.Module) -> Placement:
     """The placement a model's experts modules run with now (contiguous where none was applied)."""
-    modules = experts_modules(model)
-    tables = [_table(_layout(m)[1]) for m in modules.values()]
+    layouts = {name: _layout(name, state) for name, state in moe_layers(model).items()}
+    tables = [_table(ep) for ep in layouts.values()]
     if len({tuple(t.shape) for t in tables}) != 1:
         raise ValueError("experts modules have different slot counts; a Placement needs one per rank for all layers")
-    return Placement(torch.stack(tables), _layout(next(iter(modules.values())))[1].num_experts, list(modules))
+    return Placement(torch.stack(tables), next(iter(layouts.values())).num_experts, list(layouts))
 
 
 def apply_placement(model: nn.Module, plan: Placement, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -81,14 +81,14 @@ def apply_placement(model: nn.Module, plan: Placement, optimizer: torch.optim.Op
     Gradients are dropped (call between steps). Optimizer state tensors shaped like the parameter
     move with it; scalars (e.g. Adam's step) stay.
     """
-    modules = experts_modules(model)
-    if plan.num_layers != len(modules):
-        raise ValueError(f"plan has {plan.num_layers} layers, the model {len(modules)} experts modules")
-    if plan.layer_names and plan.layer_names != list(modules):
-        raise ValueError(f"plan layers {plan.layer_names} do not match the model's experts modules {list(modules)}")
+    layers = moe_layers(model)
+    if plan.num_layers != len(layers):
+        raise ValueError(f"plan has {plan.num_layers} layers, the model {len(layers)} experts modules")
+    if plan.layer_names and plan.layer_names != list(layers):
+        raise ValueError(f"plan layers {plan.layer_names} do not match the model's experts modules {list(layers)}")
     shards = expert_parallel_parameters(model)
-    for layer, (name, module) in enumerate(modules.items()):
-        attr, old = _layout(module)
+    for layer, (name, state) in enumerate(layers.items()):
+        old = _layout(name, state)
         if (old.ep_size, old.num_experts) != (plan.ep_size, plan.num_experts):
             raise ValueError(f"{name}: model has ep_size={old.ep_size}, {old.num_experts} experts; plan has "
                              f"ep_size={plan.ep_size}, {plan.num_experts} experts")
@@ -96,13 +96,13 @@ def apply_placement(model: nn.Module, plan: Placement, optimizer: torch.optim.Op
         contiguous = table.numel() == old.num_experts and torch.equal(table.reshape(-1), torch.arange(old.num_experts))
         # The contiguous layout keeps slots=None, which moeplug.checkpoint and shard_experts_ rely on.
         new = old.with_slots(None if contiguous else table)
-        for param_name, param in module.named_parameters(recurse=False):
+        for param_name, param in state.experts.named_parameters(recurse=False):
             if f"{name}.{param_name}" not in shards:
                 continue
-            state = optimizer.state.get(param, {}) if optimizer is not None else {}
-            for key, value in state.items():
+            param_state = optimizer.state.get(param, {}) if optimizer is not None else {}
+            for key, value in param_state.items():
                 if torch.is_tensor(value) and value.shape == param.shape:
-                    state[key] = move_rows(value, old, new)
+                    param_state[key] = move_rows(value, old, new)
             param.data = move_rows(param.data, old, new)
             param.grad = None
-        setattr(module, attr, new)
+        state.ep = new

@@ -52,31 +52,14 @@ def _heavy(matrix: torch.Tensor, min_share: float):
     return [((int(e), int(f)), float(matrix[e, f])) for e, f in keep.nonzero().tolist()]
 
 
-def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_coherent", balance_weight: float = 1.0,
-             time_limit: float | None = 10.0, min_pair_share: float = 1e-3, max_imbalance: float | None = None,
-             node_limit: int | None = None, refine_passes: int | None = None) -> Placement:
-    """Solve the placement MILP (see the module docstring); returns the better of it and greedy.
+def _milp_problem(trace: RoutingTrace, ep_size: int, pairs: list, balance_weight: float,
+                  max_imbalance: float | None) -> tuple:
+    """(cost, constraints, integrality, bounds) of the placement MILP (see the module docstring).
 
-    `max_imbalance` (optional) caps every layer's busiest rank at that multiple of the mean rank
-    load; when the cap is infeasible (one expert heavier than it) the greedy plan comes back.
-
-    `time_limit` (seconds, None: none) and `node_limit` (branch-and-bound nodes, None: none) bound the
-    solver; with `time_limit=None` the local searches (`refine_plan`, at most `refine_passes` passes) run
-    without a clock too, so the plan is reproducible (see the module docstring).
-
-    `info` of the result reports the solver status, its optimality gap (`mip_gap`, relative; 0 when
-    proven optimal), both objectives and which plan won (`used`); when greedy wins, its own `info`
-    comes back with the solver's under `info["ilp"]`.
+    Columns: x[layer, expert, rank] (binary), then one c per (pair, rank), then M[layer].
     """
-    if time_limit is None and node_limit is None:
-        raise ValueError("ilp_plan needs time_limit or node_limit (node_limit alone gives a reproducible plan)")
-    if traffic_model not in TRAFFIC_MODELS:
-        raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
     layers, experts = trace.num_layers, trace.num_experts
-    if experts % ep_size:
-        raise ValueError(f"ep_size={ep_size} must divide num_experts={experts} (the ILP places one copy per expert)")
     per_rank = experts // ep_size
-    pairs = _pairs(trace, traffic_model, ep_size, min_pair_share)
     num_x = layers * experts * ep_size
     num_c = len(pairs) * ep_size
     num_vars = num_x + num_c + layers
@@ -120,10 +103,37 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
     mean_load = trace.counts.sum(1) / ep_size
     high[num_x + num_c:] = np.inf if max_imbalance is None else (max_imbalance * mean_load).numpy()
     low[x(0, 0, 0)] = 1  # ranks are interchangeable: pin expert 0 of layer 0 to rank 0
+    return cost, LinearConstraint(matrix, lower, upper), integrality, Bounds(low, high)
+
+
+def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_coherent", balance_weight: float = 1.0,
+             time_limit: float | None = 10.0, min_pair_share: float = 1e-3, max_imbalance: float | None = None,
+             node_limit: int | None = None, refine_passes: int | None = None) -> Placement:
+    """Solve the placement MILP (see the module docstring); returns the better of it and greedy.
+
+    `max_imbalance` (optional) caps every layer's busiest rank at that multiple of the mean rank
+    load; when the cap is infeasible (one expert heavier than it) the greedy plan comes back.
+
+    `time_limit` (seconds, None: none) and `node_limit` (branch-and-bound nodes, None: none) bound the
+    solver; with `time_limit=None` the local searches (`refine_plan`, at most `refine_passes` passes) run
+    without a clock too, so the plan is reproducible (see the module docstring).
+
+    `info` of the result reports the solver status, its optimality gap (`mip_gap`, relative; 0 when
+    proven optimal), both objectives and which plan won (`used`); when greedy wins, its own `info`
+    comes back with the solver's under `info["ilp"]`.
+    """
+    if time_limit is None and node_limit is None:
+        raise ValueError("ilp_plan needs time_limit or node_limit (node_limit alone gives a reproducible plan)")
+    if traffic_model not in TRAFFIC_MODELS:
+        raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
+    layers, experts = trace.num_layers, trace.num_experts
+    if experts % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide num_experts={experts} (the ILP places one copy per expert)")
+    pairs = _pairs(trace, traffic_model, ep_size, min_pair_share)
+    cost, constraints, integrality, bounds = _milp_problem(trace, ep_size, pairs, balance_weight, max_imbalance)
     limits = {k: v for k, v in (("time_limit", time_limit), ("node_limit", node_limit)) if v is not None}
     started = time.perf_counter()
-    result = milp(cost, constraints=LinearConstraint(matrix, lower, upper), integrality=integrality,
-                  bounds=Bounds(low, high), options=limits)
+    result = milp(cost, constraints=constraints, integrality=integrality, bounds=bounds, options=limits)
     seconds = time.perf_counter() - started
 
     refine_seconds = None if time_limit is None else min(time_limit, 10.0)
@@ -137,7 +147,7 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
     if result.x is None:
         greedy.info.update(ilp=info, used="greedy (the ILP found no solution: infeasible or out of time)")
         return greedy
-    assign = result.x[:num_x].reshape(layers, experts, ep_size).argmax(-1)
+    assign = result.x[:layers * experts * ep_size].reshape(layers, experts, ep_size).argmax(-1)
     slots = torch.stack([torch.stack([torch.nonzero(torch.from_numpy(assign[l] == r)).flatten()
                                       for r in range(ep_size)]) for l in range(layers)])
     plan = Placement(slots, experts, list(trace.layer_names), info)

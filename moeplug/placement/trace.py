@@ -29,9 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..experts import GroupedExperts
-from ..hf import _is_experts, _is_router
-from ..layer import MoELayer
+from ..state import MoEState, moe_modules
 
 
 @dataclass
@@ -120,22 +118,13 @@ class RoutingTrace:
                    tensors["transitions"], meta["tokens"], sample, 0 if sample is None else sample.shape[0])
 
 
-def experts_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The routed-experts modules of a patched transformers model or of `MoELayer`s, in model order."""
-    found = {name: m for name, m in model.named_modules() if _is_experts(m) or isinstance(m, GroupedExperts)}
+def moe_layers(model: nn.Module) -> dict[str, MoEState]:
+    """The MoE layers of a patched transformers model or of `MoELayer`s by experts module name, in model order."""
+    found = {layer.experts_name: layer.state for layer in moe_modules(model)}
     if not found:
         raise ValueError(f"{type(model).__name__} has no MoE experts modules (patch it with moeplug.patch_model "
                          "or build it from moeplug.MoELayer)")
     return found
-
-
-def _top_k(model: nn.Module) -> int:
-    for module in model.modules():
-        if isinstance(module, MoELayer):
-            return module.config.top_k
-        if _is_router(module):
-            return int(module.top_k)
-    raise ValueError(f"{type(model).__name__} has no MoE router to read top_k from")
 
 
 @contextmanager
@@ -146,10 +135,10 @@ def record_routing(model: nn.Module, sample_tokens: int = 0) -> Iterator[Routing
         model: a model patched by `moeplug.patch_model` (any ep_size) or built from `MoELayer`s.
         sample_tokens: keep the raw choices of the first this many tokens (0: counts only).
     """
-    modules = experts_modules(model)
-    num_experts = next(iter(modules.values())).num_experts
-    trace = RoutingTrace.empty(len(modules), num_experts, _top_k(model), list(modules), sample_tokens)
-    positions = {module: i for i, module in enumerate(modules.values())}
+    layers = moe_layers(model)
+    first = next(iter(layers.values())).config
+    trace = RoutingTrace.empty(len(layers), first.num_experts, first.top_k, list(layers), sample_tokens)
+    positions = {layer.experts: i for i, layer in enumerate(layers.values())}
     previous: list[torch.Tensor | None] = [None]  # the last layer's choices, for transitions
 
     def hook(module, args, kwargs):
@@ -158,7 +147,7 @@ def record_routing(model: nn.Module, sample_tokens: int = 0) -> Iterator[Routing
         trace.add(layer, index, previous[0] if layer > 0 else None)
         previous[0] = index.detach().reshape(-1, index.shape[-1]).cpu().long()
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules.values()]
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in positions]
     try:
         yield trace
     finally:

@@ -42,7 +42,7 @@ def _layer_case(world: int, ep_size: int, options: dict) -> dict:
     starve = options.pop("starve_last_rank", False)
     per_choice = options.pop("per_choice_rows", False)
     layer = _layer(ep_size, **options)
-    layer.experts.ep.dedup = not per_choice
+    layer.moeplug.ep.dedup = not per_choice
     if starve:
         # Experts of the last EP rank are never chosen: that rank receives no rows at all.
         with torch.no_grad():
@@ -53,7 +53,7 @@ def _layer_case(world: int, ep_size: int, options: dict) -> dict:
     out.backward(grad)
     grads = _grads(layer)
     dist.all_reduce(grads["router.weight"])  # replicated parameters: sum over ranks
-    local = layer.experts.ep.local_experts
+    local = layer.moeplug.ep.local_experts
     return {"out": out.detach(), "dx": x.grad, "grads": grads, "local_experts": (local.start, local.stop)}
 
 
@@ -77,7 +77,7 @@ def _sync_case(ep_size: int) -> dict:
     x, grad = _rank_tokens(dist.get_rank())
     layer(x).backward(grad)
     allreduce_gradients(layer)
-    return {"grads": _grads(layer), "local_experts": tuple(layer.experts.ep.local_experts[i] for i in (0, -1))}
+    return {"grads": _grads(layer), "local_experts": tuple(layer.moeplug.ep.local_experts[i] for i in (0, -1))}
 
 
 def _hf_case(ep_size: int) -> dict:
