@@ -34,3 +34,12 @@ def test_moe_layer_benchmark_smoke(tmp_path):
     result = json.loads(out.read_text())["results"][0]
     assert set(result["seconds_per_step"]) == {"eager", "batched_mm", "grouped_mm", "moeplug", "dense roof"}
     assert all(v > 0 for v in result["seconds_per_step"].values())
+
+
+def test_expert_lora_training_benchmark_smoke(tmp_path):
+    out = tmp_path / "expert_lora.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "expert_lora_training.py"), "--smoke", "--json", str(out)],
+                   check=True, cwd=ROOT, timeout=300)
+    result = next(iter(json.loads(out.read_text())["results"].values()))
+    assert set(result["seconds"]) == {"transformers + PEFT", "moeplug + PEFT"}
+    assert all(v > 0 for v in result["seconds"].values())
