@@ -103,7 +103,8 @@ def decode_roofline(base: torch.nn.Module, paths: list[str], distinct: list[int]
     embedding = base.get_input_embeddings().weight
     tied = embedding is base.get_output_embeddings().weight
     base_params = sum(p.numel() for p in base.parameters()) - (0 if tied else embedding.numel())
-    adapter_params = sum(t.numel() for i in set(distinct) for t in load_file(Path(paths[i]) / "adapter_model.safetensors").values())
+    files = [Path(paths[i]) / "adapter_model.safetensors" for i in set(distinct)]
+    adapter_params = sum(t.numel() for file in files for t in load_file(file).values())
     return base_params / (base_params + adapter_params)
 
 
@@ -116,7 +117,8 @@ def peft_mixed_refusal(base, paths: list[str], ctx: dict) -> str | None:
     peft = PeftModel.from_pretrained(copy.deepcopy(base), paths[0], adapter_name="x0")
     peft.load_adapter(paths[1], adapter_name="x1")
     try:
-        closed_batch("peft-mixed", {**ctx, "peft": peft.eval(), "prompts": ctx["prompts"][:2], "adapters": ["x0", "x1"]})
+        two = {**ctx, "peft": peft.eval(), "prompts": ctx["prompts"][:2], "adapters": ["x0", "x1"]}
+        closed_batch("peft-mixed", two)
     except ValueError as err:
         return str(err)
     return None

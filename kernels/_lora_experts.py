@@ -73,7 +73,9 @@ class PagedExpertLoRA:
     def set_adapter(self, index: int, slots: torch.Tensor, rank: int, scale: float) -> None:
         """Point adapter index ``index`` at ``slots`` (host int64, laid out by ``pack``) for ``rank``."""
         if slots.numel() != self.slots_needed(rank):
-            raise ValueError(f"an expert adapter of rank {rank} needs {self.slots_needed(rank)} slots, got {slots.numel()}")
+            raise ValueError(
+                f"an expert adapter of rank {rank} needs {self.slots_needed(rank)} slots, got {slots.numel()}"
+            )
         per_expert = self.paged.slots_needed(rank)
         for expert in range(self.num_experts):
             part = slots[expert * per_expert : (expert + 1) * per_expert]
@@ -140,9 +142,13 @@ def add_expert_lora(y: torch.Tensor, x: torch.Tensor, tables: PagedExpertLoRA, s
     if backend.use_triton(y.device):
         return add_lora(y, x, tables.paged, segments)
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0] or x.shape[0] != segments.num_rows:
-        raise ValueError(f"x and y must have the segments' {segments.num_rows} rows, got {tuple(x.shape)} {tuple(y.shape)}")
+        raise ValueError(
+            f"x and y must have the segments' {segments.num_rows} rows, got {tuple(x.shape)} {tuple(y.shape)}"
+        )
     if (x.shape[1], y.shape[1]) != (tables.in_features, tables.out_features):
-        raise ValueError(f"tables are for {tables.in_features} -> {tables.out_features}, got {x.shape[1]} -> {y.shape[1]}")
+        raise ValueError(
+            f"tables are for {tables.in_features} -> {tables.out_features}, got {x.shape[1]} -> {y.shape[1]}"
+        )
     e = tables.num_experts
     # Runs are (adapter * E + expert, start, stop), ascending: consecutive runs of one adapter form its group.
     for adapter, group in itertools.groupby(segments.runs, key=lambda run: run[0] // e):

@@ -92,7 +92,9 @@ def _expert_keys(label: str, config: dict, experts: dict[str, dict[str, ExpertsS
     """
     targets = config.get("target_parameters") or []
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
-        raise AdapterError(f"{label}: adapter_config.json: target_parameters must be a list of names, got {short(targets)}")
+        raise AdapterError(
+            f"{label}: adapter_config.json: target_parameters must be a list of names, got {short(targets)}"
+        )
     matches = lambda key: any(key == t or key.endswith(f".{t}") for t in targets)  # noqa: E731  PEFT's rule
     keys = {}
     for module, params in experts.items():

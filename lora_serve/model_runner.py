@@ -65,7 +65,8 @@ class ModelRunner:
         if name not in self.lora_layers:
             module, _, param = name.rpartition(".")
             if module in self._experts:
-                self.lora_layers[name] = moe_lora.adapt(self._experts[module], param, self.pool.slots, self.num_adapters)
+                experts = self._experts[module]
+                self.lora_layers[name] = moe_lora.adapt(experts, param, self.pool.slots, self.num_adapters)
             else:
                 wrapper = wrap_linear(self.model, name, self._active, self.pool.slots, self.num_adapters)
                 self.lora_layers[name] = wrapper.lora

@@ -2,9 +2,12 @@
 
 Tiny MoE bases of four families (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE with top-3 routing,
 OLMoE; Mixtral also with top-1) carry three PEFT adapters of different ranks that put LoRA on the fused
-expert parameters (``target_parameters``), one on experts and attention, one with a ``rank_pattern`` giving
-its two expert projections different ranks, one on ``gate_up_proj`` alone (PEFT saves it without the nested
-``base_layer``). The engine runs them with base-model rows in one batch, prompts of 1, 7 and 13 tokens
+expert parameters (``target_parameters``): one on experts alone; one on experts, attention (and Qwen2-MoE's
+shared expert and its gate) with a ``rank_pattern`` giving its two expert projections different ranks; one
+on ``gate_up_proj`` alone (PEFT saves it without the nested ``base_layer``). Adapters written with the
+pre-fusion names (``target_modules`` w1/w2/w3 or gate/up/down_proj), which PEFT converts to
+``target_parameters`` with rank and alpha patterns, are served too. The engine runs them with base-model
+rows in one batch, prompts of 1, 7 and 13 tokens
 and a token budget that splits prefills; tokens routed to an expert with no other token, and experts with
 no token at all, occur in every decode step (6 experts, 2-4 tokens).
 
@@ -51,6 +54,16 @@ ADAPTERS = {  # name -> (rank, target_modules, target_parameters, extra LoRA opt
 PROMPTS = [[5, 17, 33, 9, 41, 77, 12], [60], [44, 45, 46, 47, 48, 49, 50, 8, 19, 3, 90, 91, 92]]
 NEW_TOKENS = 6
 ATOL = 2e-5  # fp32, see the module docstring
+
+
+def adapters_for(family: str) -> dict:
+    """``ADAPTERS``; on Qwen2-MoE the attention adapter also covers the shared expert and its gate (plain
+    linears the others lack; PEFT would read a bare ``up_proj`` on Qwen3-MoE/OLMoE as the fused experts)."""
+    if family != "qwen2_moe":
+        return ADAPTERS
+    rank, modules, params, options = ADAPTERS["attn_experts_r8"]
+    shared = [r"shared_expert\.up_proj", r"shared_expert\.down_proj", "shared_expert_gate"]
+    return {**ADAPTERS, "attn_experts_r8": (rank, modules + shared, params, options)}
 
 
 def tiny_moe(family: str, seed: int = 0, dtype=torch.float32, **overrides) -> torch.nn.Module:
@@ -120,7 +133,7 @@ def run_mixed(engine, paths, prompts=PROMPTS):
 )
 def test_mixed_batch_matches_peft_per_adapter(family, overrides, tmp_path, lora, device):
     base = tiny_moe(family, **overrides)
-    paths = save_adapters(lora, base, tmp_path)
+    paths = save_adapters(lora, base, tmp_path, adapters_for(family))
     engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=20000, max_batch_tokens=16, device=device))
     for name, path in paths.items():
         engine.add_adapter(name, path)
@@ -136,6 +149,29 @@ def test_mixed_batch_matches_peft_per_adapter(family, overrides, tmp_path, lora,
         got = torch.stack(logits[result.request_id]).cpu()
         torch.testing.assert_close(got, oracle_logits(oracles[adapter], prompt, expected), atol=ATOL, rtol=0,
                                    msg=lambda m: f"{where}: {m}")
+
+
+@pytest.mark.parametrize(
+    "family, legacy", [("mixtral", ["w1", "w2", "w3"]), ("qwen3_moe", ["gate_proj", "up_proj", "down_proj"])]
+)
+def test_adapters_with_pre_fusion_target_names_match_peft(family, legacy, tmp_path, lora):
+    """PEFT turns ``target_modules`` naming the per-expert linears of transformers 4 into ``target_parameters``
+    (bare ``gate_up_proj``/``down_proj``) with ``.*\\.gate_up_proj`` rank and alpha patterns (2r, 2 alpha):
+    such adapters, as users trained them, are served as PEFT runs them."""
+    base = tiny_moe(family)
+    paths = save_adapters(lora, base, tmp_path, {"legacy": (4, ["q_proj", *legacy], None, {})})
+    config = (tmp_path / "legacy" / "adapter_config.json").read_text()
+    assert '"gate_up_proj"' in config and "rank_pattern" in config  # PEFT did convert them
+    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=20000, max_batch_tokens=64))
+    engine.add_adapter("legacy", paths["legacy"])
+    logits = record_logits(engine)
+    jobs, results = run_mixed(engine, paths)
+    oracles = {"legacy": PeftModel.from_pretrained(copy.deepcopy(base), str(paths["legacy"])).eval(), None: base}
+    for (adapter, prompt), result in zip(jobs, results):
+        expected = lora.hf_generate(oracles[adapter], prompt, NEW_TOKENS)
+        assert result.token_ids == expected, (adapter, len(prompt))
+        torch.testing.assert_close(torch.stack(logits[result.request_id]),
+                                   oracle_logits(oracles[adapter], prompt, expected), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
@@ -218,7 +254,8 @@ def _edit_adapter(src, dst, config_change=None, drop_keys=""):
     config = json.loads((dst / "adapter_config.json").read_text())
     (dst / "adapter_config.json").write_text(json.dumps({**config, **(config_change or {})}))
     tensors = load_file(dst / "adapter_model.safetensors")
-    save_file({k: v for k, v in tensors.items() if not drop_keys or drop_keys not in k}, dst / "adapter_model.safetensors")
+    kept = {k: v for k, v in tensors.items() if not drop_keys or drop_keys not in k}
+    save_file(kept, dst / "adapter_model.safetensors")
     return dst
 
 
@@ -243,7 +280,8 @@ def test_bad_expert_adapters_are_refused_by_name_and_others_keep_serving(tmp_pat
         "expert count": (
             four_experts,
             r"model.layers.0.mlp.experts.lora_A.weight \(16, 40\) / .lora_B.weight \(44, 16\) do not fit "
-            r"model.layers.0.mlp.experts.down_proj \(6 experts, 40 -> 44\) with r=4: expected \(24, 40\) and \(44, 24\)",
+            r"model.layers.0.mlp.experts.down_proj \(6 experts, 40 -> 44\) with r=4: "
+            r"expected \(24, 40\) and \(44, 24\)",
         ),
         "missing tensors": (
             _edit_adapter(good, tmp_path / "half", drop_keys="layers.1.mlp.experts.lora_"),
