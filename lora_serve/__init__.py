@@ -4,6 +4,7 @@ from .adapter_store import AdapterError
 from .async_engine import AsyncEngine, EngineDeadError
 from .config import EngineConfig
 from .engine import AdapterInfo, AdapterInUseError, Engine, EngineStats
+from .engine_process import EngineProcess
 from .pool import PoolStats
 from .request import Completion, FinishReason, RequestOutput
 from .sampling import SamplingParams
@@ -17,6 +18,7 @@ __all__ = [
     "Engine",
     "EngineConfig",
     "EngineDeadError",
+    "EngineProcess",
     "EngineStats",
     "FinishReason",
     "PoolStats",

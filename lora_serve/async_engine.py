@@ -1,8 +1,11 @@
-"""``AsyncEngine``: stream tokens from an ``Engine`` to asyncio code (e.g. a FastAPI server).
+"""``AsyncEngine``: stream tokens from an ``Engine`` to asyncio code, the engine stepping in a thread.
 
-A daemon thread runs ``engine.step()`` while there is work and sleeps otherwise; each step's outputs
-are handed to the waiting coroutines through ``loop.call_soon_threadsafe``. Closing or cancelling a
+A daemon thread runs ``engine.step()`` while there is work and sleeps otherwise; each step's outputs reach
+the waiting coroutines in one event-loop callback (``OutputStreams.publish``). Closing or cancelling a
 stream (a client disconnecting) aborts its request, which frees its pool pages at the next step.
+
+The thread shares the GIL with the event loop; a server that must not lose engine throughput to its HTTP
+work runs the engine in its own process instead (``EngineProcess``, what ``lora-serve`` does).
 
 If a step raises, the thread logs the traceback, fails every open stream with ``EngineDeadError``,
 calls ``on_failure`` (a server uses it to shut down, so a supervisor restarts the process) and stops.
@@ -16,78 +19,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 from .engine import AdapterInfo, Engine, EngineStats
-from .request import RequestOutput
+from .output_streams import EngineDeadError, OutputStreams
 from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-class EngineDeadError(RuntimeError):
-    """The step loop failed; the original exception is the ``__cause__``."""
+__all__ = ["AsyncEngine", "EngineDeadError"]
 
 
-class AsyncEngine:
+class AsyncEngine(OutputStreams):
     """Runs ``engine`` in a background thread; ``stream()`` yields each request's outputs as they come.
 
     ``on_failure(error)`` is called from the engine thread if the step loop dies.
     """
 
     def __init__(self, engine: Engine, on_failure: Callable[[BaseException], None] | None = None):
+        super().__init__(on_failure)
         self.engine = engine
-        self._on_failure = on_failure
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
-        self._closed = False
-        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="lora_serve-engine", daemon=True)
         self._thread.start()
 
-    async def stream(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams | None = None,
-        adapter: str | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its ``RequestOutput``s until the one with ``finished=True``.
-
-        Bad input raises at once (``KeyError`` / ``ValueError`` as in ``Engine.submit``). Leaving the
-        loop early, or cancelling the task, aborts the request.
-        """
-        self._check_alive()
-        request_id = request_id or f"req-{uuid.uuid4().hex}"
-        queue: asyncio.Queue = asyncio.Queue()
-        # Register before submitting: the engine thread may produce the first output immediately.
-        self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        submitted = finished = False
-        try:
-            self.engine.submit(prompt, params, adapter, request_id)
-            submitted = True
-            self._wake.set()
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise EngineDeadError("the engine step loop failed") from item
-                finished = item.finished
-                yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if submitted and not finished:
-                self.abort(request_id)
-
-    async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None
-    ) -> tuple[list[int], str, RequestOutput]:
-        """Run one request to the end; return ``(token_ids, text, last_output)``."""
-        token_ids, text = [], []
-        async for output in self.stream(prompt, params, adapter):
-            token_ids += output.token_ids
-            text.append(output.text)
-        return token_ids, "".join(text), output
+    def _submit(self, prompt, params: SamplingParams, adapter: str | None, request_id: str) -> None:
+        self.engine.submit(prompt, params, adapter, request_id)
+        self._wake.set()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (its stream ends with finish reason ``abort``)."""
@@ -137,23 +96,6 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join()
 
-    @property
-    def error(self) -> BaseException | None:
-        """The exception that stopped the step loop, or None while it runs (for health checks)."""
-        return self._error
-
-    def _check_alive(self) -> None:
-        if self._error is not None:
-            raise EngineDeadError("the engine step loop failed") from self._error
-        if self._closed:
-            raise RuntimeError("AsyncEngine is closed")
-
-    def _deliver(self, request_id: str, item) -> None:
-        entry = self._streams.get(request_id)
-        if entry is not None:
-            loop, queue = entry
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
     def _loop(self) -> None:
         while not self._closed:
             if not self.engine.has_unfinished():
@@ -164,11 +106,7 @@ class AsyncEngine:
                 outputs = self.engine.step()
             except BaseException as err:  # a bug in a step: fail every stream loudly, not hang them
                 logger.exception("the engine step loop failed; every request now fails")
-                self._error = err
-                for request_id in list(self._streams):
-                    self._deliver(request_id, err)
-                if self._on_failure is not None:
-                    self._on_failure(err)
+                self.fail(err)
                 return
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            if outputs:
+                self.publish(outputs)

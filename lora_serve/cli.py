@@ -7,6 +7,7 @@ long option names (``max_batch_tokens: 512``; ``adapters:`` as a ``name: path`` 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import logging
 import os
@@ -20,6 +21,7 @@ import yaml
 from .adapter_store import AdapterError
 from .config import EngineConfig
 from .engine import Engine
+from .engine_process import EngineProcess
 from .server import ServerConfig, create_app
 from .server.adapters import find_adapters
 
@@ -97,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds a shutdown waits for in-flight requests before aborting them "
                              "(default: %(default)s)")
+    server.add_argument("--engine-thread", action="store_true",
+                        help="step the engine in a thread of the server process instead of its own process "
+                             "(shares the GIL with the HTTP work: lower throughput; for debugging)")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -175,13 +180,27 @@ def log_startup(engine: Engine, name: str) -> None:
                 "take slots on demand and are evicted LRU", stats, per_token, stats.free // per_token)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``lora-serve``; exits with status 1 if the engine's step loop died."""
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    name = args.served_model_name or Path(args.model).stem
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+
+
+def start_engine(args: argparse.Namespace, name: str) -> Engine:
+    """``build_engine`` + ``log_startup``: what the engine process runs first (picklable via ``partial``)."""
+    _setup_logging(args.log_level)  # a spawned engine process starts with logging unconfigured
     engine = build_engine(args)
     log_startup(engine, name)
+    return engine
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``lora-serve``; exits with status 1 if the engine died."""
+    args = parse_args(argv)
+    _setup_logging(args.log_level)
+    name = args.served_model_name or Path(args.model).stem
+    if args.engine_thread:
+        engine = start_engine(args, name)
+    else:
+        engine = EngineProcess(functools.partial(start_engine, args, name))
     server_config = ServerConfig(
         model_name=name, model_path=str(args.model), adapter_root=args.adapter_root, api_key=args.api_key,
         default_max_tokens=args.default_max_tokens, unload_timeout=args.unload_timeout,
@@ -190,17 +209,23 @@ def main(argv: list[str] | None = None) -> None:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     failures: list[BaseException] = []
+    server: uvicorn.Server | None = None
 
     def shut_down(error: BaseException) -> None:
-        # A dead step loop cannot be revived: stop serving and exit non-zero so a supervisor restarts us.
+        # A dead engine cannot be revived: stop serving and exit non-zero so a supervisor restarts us.
         failures.append(error)
-        server.should_exit = True
+        if server is not None:
+            server.should_exit = True
 
+    app = create_app(engine, server_config, on_engine_failure=shut_down)
     server = uvicorn.Server(uvicorn.Config(
-        create_app(engine, server_config, on_engine_failure=shut_down), host=args.host, port=args.port,
-        log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout,
+        app, host=args.host, port=args.port, log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
     ))
-    server.run()
+    if not failures:  # the engine process could have died before the server existed
+        server.run()
+    if isinstance(engine, EngineProcess) and not server.started:
+        engine.close()  # the app's shutdown closes it; an app that never started cannot
     if failures:
-        logger.error("exiting: the engine step loop failed (%r)", failures[0])
+        logger.error("exiting: the engine failed (%r)", failures[0])
         sys.exit(1)

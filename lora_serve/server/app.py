@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from ..adapter_store import AdapterError
 from ..async_engine import AsyncEngine
 from ..engine import AdapterInfo, Engine
+from ..output_streams import OutputStreams
 from .adapters import resolve_under_root
 from .config import ServerConfig
 from .errors import APIError, install_error_handlers
@@ -193,17 +194,22 @@ def _adapter_card(serving: OpenAIServing, info: AdapterInfo, created: int) -> Mo
 
 
 def create_app(
-    engine: Engine, config: ServerConfig, on_engine_failure: Callable[[BaseException], None] | None = None
+    engine: Engine | OutputStreams, config: ServerConfig,
+    on_engine_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """The server for ``engine``; the app owns it from startup (its step thread) to shutdown.
+    """The server for ``engine``; the app owns it from startup to shutdown, when it closes it.
 
-    ``on_engine_failure(error)`` is called (from the engine thread) if the step loop dies; the CLI uses it
-    to shut the server down and exit non-zero. Until then every request, and ``/health``, answer 503.
+    ``engine`` is an ``Engine`` (stepped by an ``AsyncEngine`` thread started at startup, sharing this
+    process's GIL) or a running ``EngineProcess`` (the engine in its own process: what ``lora-serve`` uses).
+    ``on_engine_failure(error)`` is called (from the engine or reader thread) if the engine dies; the CLI uses
+    it to shut the server down and exit non-zero. Until then every request, and ``/health``, answer 503.
     """
+    if on_engine_failure is not None and isinstance(engine, OutputStreams):
+        engine.on_failure = on_engine_failure
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async_engine = AsyncEngine(engine, on_failure=on_engine_failure)
+        async_engine = engine if isinstance(engine, OutputStreams) else AsyncEngine(engine, on_engine_failure)
         app.state.serving = OpenAIServing(async_engine, config)
         app.state.created = int(time.time())
         try:
@@ -222,7 +228,7 @@ def create_app(
     app.add_middleware(_RequestGuard, api_key=config.api_key, max_bytes=config.max_body_bytes, on_error=count_error)
     # With a key, the router documents the bearer scheme (the guard checks it).
     app.include_router(api, dependencies=[Security(_bearer)] if config.api_key else [])
-    install_openapi(app, ModelLimits(engine.max_context, engine.model.get_input_embeddings().num_embeddings,
+    install_openapi(app, ModelLimits(engine.max_context, engine.vocab_size,
                                      prompt_char_limit(engine.tokenizer, engine.max_context)))
 
     @app.get("/health", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}},

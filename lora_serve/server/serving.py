@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from ..async_engine import AsyncEngine, EngineDeadError
+from ..output_streams import EngineDeadError, OutputStreams
 from ..request import FinishReason, RequestOutput, RequestTooLargeError
 from ..sampling import SamplingParams
 from .adapters import AdapterUsage
@@ -117,9 +117,10 @@ def prompt_char_limit(tokenizer, max_context: int | None) -> int | None:
 
 
 class OpenAIServing:
-    """Answers generation requests with an ``AsyncEngine``; owns the server's metrics and adapter usage."""
+    """Answers generation requests with an ``AsyncEngine`` or ``EngineProcess``; owns the server's metrics
+    and adapter usage."""
 
-    def __init__(self, engine: AsyncEngine, config: ServerConfig):
+    def __init__(self, engine: OutputStreams, config: ServerConfig):
         self.engine = engine
         self.config = config
         self.tokenizer = engine.tokenizer

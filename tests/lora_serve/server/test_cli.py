@@ -47,9 +47,9 @@ def _read_lines(stream, lines: queue.Queue) -> None:
         lines.put(line)
 
 
-def _launch(command: list[str]) -> tuple[subprocess.Popen, queue.Queue, list[str], int]:
+def _launch(command: list[str], pythonpath: str = str(REPO)) -> tuple[subprocess.Popen, queue.Queue, list[str], int]:
     """Start a lora-serve command line and wait for uvicorn: (process, output lines, log so far, port)."""
-    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": pythonpath},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
@@ -112,7 +112,7 @@ def test_cli_serves_adapters_and_shuts_down_gracefully(tmp_path, lora, serve):
     finally:
         shutdown = _stop(process, lines, log)
     assert "Waiting for connections to close" in shutdown  # the stream was in flight at SIGTERM
-    assert "Application shutdown complete" in shutdown  # the lifespan stopped the engine thread
+    assert "Application shutdown complete" in shutdown  # the lifespan stopped the engine process
 
 
 def test_a_bad_adapter_under_the_root_is_skipped_unless_strict(tmp_path, lora, caplog):
@@ -132,24 +132,40 @@ def test_a_bad_adapter_under_the_root_is_skipped_unless_strict(tmp_path, lora, c
         build_engine(parse_args([*argv, "--strict-adapters"]))
 
 
-# Runs the CLI with an engine whose step always fails, as a bug in a step would.
-_DYING_ENGINE = """
-import sys
+# Makes every engine step fail, as a bug in a step would. A sitecustomize module runs in the server process
+# and in the engine process it spawns (the environment, PYTHONPATH included, is inherited).
+_FAILING_STEP = """
 import lora_serve.engine
 def step(self):
     raise RuntimeError("injected step failure")
 lora_serve.engine.Engine.step = step
-from lora_serve.cli import main
-main(sys.argv[1:])
+"""
+# Makes every step take at least 20 ms, so that a request is surely still running when the test acts.
+_SLOW_STEP = """
+import time
+import lora_serve.engine
+_step = lora_serve.engine.Engine.step
+def step(self):
+    time.sleep(0.02)
+    return _step(self)
+lora_serve.engine.Engine.step = step
 """
 
 
-def test_the_process_exits_non_zero_with_a_traceback_when_the_step_loop_dies(tmp_path, lora):
+def _inject(tmp_path: Path, code: str) -> str:
+    """A PYTHONPATH whose sitecustomize runs ``code`` at the start of every process that inherits it."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(code)
+    return f"{tmp_path / 'inject'}{os.pathsep}{REPO}"
+
+
+@pytest.mark.parametrize("mode", [[], ["--engine-thread"]], ids=["engine-process", "engine-thread"])
+def test_the_process_exits_non_zero_with_a_traceback_when_the_step_loop_dies(tmp_path, lora, mode):
     base = lora.tiny_model("llama")
     base.save_pretrained(tmp_path / "model")
-    command = [sys.executable, "-c", _DYING_ENGINE, "--model", str(tmp_path / "model"), "--pool-slots", "4000",
-               "--port", "0", "--served-model-name", "tiny"]
-    process, lines, log, port = _launch(command)
+    command = [sys.executable, "-m", "lora_serve", "--model", str(tmp_path / "model"), "--pool-slots", "4000",
+               "--port", "0", "--served-model-name", "tiny", *mode]
+    process, lines, log, port = _launch(command, pythonpath=_inject(tmp_path, _FAILING_STEP))
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         with pytest.raises(openai.APIStatusError) as failed:
@@ -159,4 +175,34 @@ def test_the_process_exits_non_zero_with_a_traceback_when_the_step_loop_dies(tmp
     finally:
         output = _stop(process, lines, log)
     assert "Traceback" in output and "RuntimeError: injected step failure" in output, output
-    assert "exiting: the engine step loop failed" in output, output
+    assert "exiting: the engine failed" in output, output
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """The multiprocessing children ``pid`` started, other than its resource tracker (Linux ``/proc``)."""
+    tasks = Path(f"/proc/{pid}/task")
+    children = [int(child) for task in tasks.iterdir() for child in (task / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the engine process through Linux /proc")
+def test_a_killed_engine_process_gives_503s_and_the_server_exits(tmp_path, lora, serve):
+    base = lora.tiny_model("llama")
+    base.save_pretrained(tmp_path / "model")
+    serve.char_tokenizer().save_pretrained(tmp_path / "model")  # text, so that every token streams a chunk
+    command = [sys.executable, "-m", "lora_serve", "--model", str(tmp_path / "model"), "--pool-slots", "4000",
+               "--port", "0", "--served-model-name", "tiny", "--shutdown-timeout", "5"]
+    process, lines, log, port = _launch(command, pythonpath=_inject(tmp_path, _SLOW_STEP))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        stream = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=240, stream=True,
+                                           extra_body={"ignore_eos": True})
+        next(stream)
+        (engine_pid,) = _spawned_children(process.pid)
+        os.kill(engine_pid, signal.SIGKILL)  # as the OOM killer would
+        with pytest.raises(openai.APIError, match="engine has failed"):  # an error event ends the stream
+            list(stream)
+        assert process.wait(timeout=60) == 1  # no hang: the server shuts itself down
+    finally:
+        output = _stop(process, lines, log)
+    assert "exiting: the engine failed" in output and "exited with code -9" in output, output
