@@ -36,7 +36,7 @@ class AdapterManager:
     def __init__(self, runner: ModelRunner, config: EngineConfig):
         host_mb = config.adapter_host_mb
         host_bytes = None if host_mb is None else int(host_mb * 2**20)
-        self.store = AdapterStore(runner.linear_shapes(), runner.model.dtype, host_bytes, runner.expert_shapes())
+        self.store = AdapterStore(runner.linear_shapes(), runner.model.dtype, host_bytes, runner.parameter_shapes())
         self.residency = AdapterResidency(runner.pool, runner.lora_layers, config.max_resident_adapters)
         self._runner = runner
 

@@ -5,14 +5,15 @@ holds the ones in use (see ``residency.py``). Loading reads ``adapter_config.jso
 ``adapter_model.safetensors`` as PEFT writes them and checks every tensor against the base model's
 linear layers before anything is registered, so a bad adapter never disturbs the loaded ones.
 
-LoRA on fused MoE expert parameters (PEFT's ``target_parameters``, e.g. ``mlp.experts.gate_up_proj``) is
-read too. PEFT wraps each targeted parameter of an experts module in a ``ParamWrapper``, nested in the
-order the module registers its parameters (the first one innermost), and saves the wrapper of the i-th of
-n targeted parameters as ``<experts>`` + ``.base_layer`` * (n - 1 - i) + ``.lora_A.weight`` /
-``.lora_B.weight``: ``A [r*E, in]`` expert-major (``[E, r, in]``) but ``B [out, r*E]`` with the experts
-last (``[out, r, E]``; see PEFT's ``ParamWrapper.get_delta_weight``). They are stored here under the
-parameter's name (``...mlp.experts.gate_up_proj``, the key PEFT's rank_pattern matches) as
-``A [E, r, in]`` and ``B [E, out, r]``, so ``ΔW_e = scale · B[e] @ A[e]``.
+LoRA on parameters (PEFT's ``target_parameters``) is read for fused MoE experts (``mlp.experts.gate_up_proj``,
+``down_proj``) and MoE routers (``mlp.gate.weight``, a 2-D weight adapted like a linear, ``router_lora.py``).
+PEFT wraps each targeted parameter of a module in a ``ParamWrapper``, nested in the order the module
+registers its parameters (the first one innermost), and saves the wrapper of the i-th of n targeted
+parameters as ``<module>`` + ``.base_layer`` * (n - 1 - i) + ``.lora_A.weight`` / ``.lora_B.weight``. For
+experts, ``A [r*E, in]`` is expert-major (``[E, r, in]``) but ``B [out, r*E]`` has the experts last
+(``[out, r, E]``; see PEFT's ``ParamWrapper.get_delta_weight``). They are stored here under the parameter's
+name (``...mlp.experts.gate_up_proj``, the key PEFT's rank_pattern matches), experts as ``A [E, r, in]`` and
+``B [E, out, r]``, so ``ΔW_e = scale · B[e] @ A[e]``.
 """
 
 from __future__ import annotations
@@ -83,12 +84,15 @@ class Adapter:
         return max(w.rank for w in self.modules.values())
 
 
-def _expert_keys(label: str, config: dict, experts: dict[str, dict[str, ExpertsShape]]) -> dict[str, str]:
-    """The module key PEFT saves each targeted experts parameter under -> the parameter's name.
+ParamShapes = dict[str, dict[str, "ExpertsShape | LinearShape"]]  # module -> LoRA-able parameter -> shape
 
-    ``experts`` maps each experts module of the base to its LoRA-able parameters in registration order.
-    Every ``target_parameters`` entry must name such a parameter (PEFT matches ``name == entry`` or a
-    ``.entry`` suffix); anything else is refused, naming the entry and what is served.
+
+def _parameter_keys(label: str, config: dict, parameters: ParamShapes) -> dict[str, str]:
+    """The module key PEFT saves each targeted parameter under -> the parameter's name.
+
+    ``parameters`` maps each module of the base with LoRA-able parameters (experts, routers) to them, in
+    registration order. Every ``target_parameters`` entry must name such a parameter (PEFT matches
+    ``name == entry`` or a ``.entry`` suffix); anything else is refused, naming the entry and what is served.
     """
     targets = config.get("target_parameters") or []
     if not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets):
@@ -97,16 +101,16 @@ def _expert_keys(label: str, config: dict, experts: dict[str, dict[str, ExpertsS
         )
     matches = lambda key: any(key == t or key.endswith(f".{t}") for t in targets)  # noqa: E731  PEFT's rule
     keys = {}
-    for module, params in experts.items():
+    for module, params in parameters.items():
         targeted = [p for p in params if matches(f"{module}.{p}")]
         for i, param in enumerate(targeted):
             keys[module + ".base_layer" * (len(targeted) - 1 - i)] = f"{module}.{param}"
     for target in targets:
         if not any(param == target or param.endswith(f".{target}") for param in keys.values()):
-            served = sorted({f"{m.rsplit('.', 1)[-1]}.{p}" for m, params in experts.items() for p in params})
+            served = sorted({f"{m.rsplit('.', 1)[-1]}.{p}" for m, params in parameters.items() for p in params})
             raise AdapterError(
-                f"{label}: target_parameters entry {short(target)} names no fused expert parameter of the base "
-                f"model (LoRA on parameters is served for {served or 'none: this base has no fused experts'})"
+                f"{label}: target_parameters entry {short(target)} names no expert or router parameter of the base "
+                f"model (LoRA on parameters is served for {served or 'none: this base has no MoE layers'})"
             )
     return keys
 
@@ -117,10 +121,10 @@ def load_peft_adapter(
     linears: dict[str, LinearShape],
     dtype: torch.dtype,
     max_bytes: int | None = None,
-    experts: dict[str, dict[str, ExpertsShape]] | None = None,
+    parameters: ParamShapes | None = None,
 ) -> Adapter:
     """Read and validate the PEFT LoRA adapter in directory ``path`` against the base model's ``linears`` and
-    fused ``experts`` (experts module -> its LoRA-able parameters, in registration order).
+    LoRA-able ``parameters`` (module -> parameter -> shape, in registration order: MoE experts and routers).
 
     Raises ``AdapterError`` naming the adapter, the offending file, key or value and what was expected
     (never the server's directories). A weights file over ``max_bytes`` is refused before it is read.
@@ -142,21 +146,31 @@ def load_peft_adapter(
     if not pairs:
         raise AdapterError(f"{label}: adapter_model.safetensors holds no LoRA weights")
 
-    expert_keys = _expert_keys(label, config, experts or {})
-    missing = sorted(set(expert_keys) - set(pairs))
+    param_keys = _parameter_keys(label, config, parameters or {})
+    missing = sorted(set(param_keys) - set(pairs))
     if missing:
         raise AdapterError(
-            f"{label}: target_parameters covers {expert_keys[missing[0]]!r}, but adapter_model.safetensors has no "
+            f"{label}: target_parameters covers {param_keys[missing[0]]!r}, but adapter_model.safetensors has no "
             f"'{_PREFIX}{missing[0]}.lora_A.weight' / '.lora_B.weight'"
         )
     modules = {}
     for module, ab in sorted(pairs.items()):
-        if module in expert_keys:
-            param = expert_keys[module]
-            shape = experts[param.rsplit(".", 1)[0]][param.rsplit(".", 1)[1]]
-            modules[param] = _validate_experts(label, module, param, ab, shape, config, dtype)
+        if module in param_keys:  # stored under the parameter's name, the key PEFT's rank_pattern matches
+            param = param_keys[module]
+            owner, _, attribute = param.rpartition(".")
+            shape = parameters[owner][attribute]
+            if isinstance(shape, ExpertsShape):
+                modules[param] = _validate_experts(label, module, param, ab, shape, config, dtype)
+            else:
+                modules[param] = _validate_linear(label, module, param, ab, shape, config, dtype)
+        elif module in linears:
+            modules[module] = _validate_linear(label, module, module, ab, linears[module], config, dtype)
         else:
-            modules[module] = _validate_module(label, module, ab, linears, config, dtype)
+            targets = sorted({m.rsplit(".", 1)[-1] for m in linears})
+            raise AdapterError(
+                f"{label}: adapter targets {short(module)}, which is not a linear layer of the base model "
+                f"(adaptable layers end in {targets})"
+            )
     return Adapter(name=name, path=str(path), modules=modules, digest=digest)
 
 
@@ -194,18 +208,13 @@ def _validate_experts(label, module, param, ab, shape: ExpertsShape, config, dty
     return LoRAWeights(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), scale=scale)
 
 
-def _validate_module(label, module, ab, linears, config, dtype) -> LoRAWeights:
-    if module not in linears:
-        targets = sorted({m.rsplit(".", 1)[-1] for m in linears})
-        raise AdapterError(
-            f"{label}: adapter targets {short(module)}, which is not a linear layer of the base model "
-            f"(adaptable layers end in {targets})"
-        )
+def _validate_linear(label, module, key, ab, shape: LinearShape, config, dtype) -> LoRAWeights:
+    """One linear's (or router weight's) LoRA, checked against its shape; ``key`` is the name rank/alpha
+    patterns match (the module, or the parameter for ``target_parameters``)."""
     if set(ab) != {"A", "B"}:
         raise AdapterError(f"{label}: {module} has lora_{''.join(ab)} but not both lora_A and lora_B")
     a, b = ab["A"], ab["B"]
-    shape = linears[module]
-    rank, scale = _rank_and_scale(config, module)
+    rank, scale = _rank_and_scale(config, key)
     expected_a, expected_b = (rank, shape.in_features), (shape.out_features, rank)
     if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
         raise AdapterError(
@@ -229,10 +238,10 @@ class AdapterStore:
         linears: dict[str, LinearShape],
         dtype: torch.dtype,
         max_bytes: int | None = None,
-        experts: dict[str, dict[str, ExpertsShape]] | None = None,
+        parameters: ParamShapes | None = None,
     ):
         self.linears = linears
-        self.experts = experts or {}
+        self.parameters = parameters or {}
         self.dtype = dtype
         self.max_bytes = max_bytes
         self._adapters: dict[str, Adapter] = {}
@@ -253,7 +262,7 @@ class AdapterStore:
         # Conversions to the store's dtype can at most quarter a file (float64 -> 16-bit), so a file over
         # four times what is left can never fit: refuse it before reading it.
         limit = None if left is None else 4 * max(left, 0)
-        return load_peft_adapter(name, path, self.linears, self.dtype, limit, self.experts)
+        return load_peft_adapter(name, path, self.linears, self.dtype, limit, self.parameters)
 
     def add(self, adapter: Adapter) -> Adapter:
         """Register a validated adapter; returns it as stored (sharing the weights of an identical one).

@@ -1,8 +1,8 @@
 """``ModelRunner``: the Hugging Face model run on one step's packed batch, with paged attention and LoRA.
 
 The runner owns the model (its attention implementation switched to paged attention, its fused MoE
-experts to grouped GEMMs with per-(row, expert) LoRA (``moe_lora.py``), the linears that adapters target
-wrapped on demand), the unified page pool and the KV layout. ``execute`` packs a step's
+experts to grouped GEMMs with per-(row, expert) LoRA (``moe_lora.py``), the linears and routers that
+adapters target wrapped on demand (``lora_layers.py``, ``router_lora.py``)), the unified page pool and the KV layout. ``execute`` packs a step's
 ``(request, new tokens)`` pairs into a ``StepBatch`` (built once: attention metadata and LoRA segments),
 runs the model once with it active, and returns the logits of the rows whose next token is sampled.
 """
@@ -16,8 +16,8 @@ from torch import nn
 
 from kernels.lora import PagedExpertLoRA, PagedLoRA
 
-from . import moe_lora
-from .adapter_store import ExpertsShape, LinearShape
+from . import moe_lora, router_lora
+from .adapter_store import LinearShape, ParamShapes
 from .config import EngineConfig
 from .kv_layout import KVLayout
 from .lora_layers import wrap_linear
@@ -46,6 +46,7 @@ class ModelRunner:
         self.lora_layers: dict[str, PagedLoRA | PagedExpertLoRA] = {}
         self._active = ActiveStep()
         self._experts = moe_lora.install(self.model, self._active)  # experts module name -> module
+        self._routers = {name: m for name, m in self.model.named_modules() if router_lora.is_router(m)}
 
     def linear_shapes(self) -> dict[str, LinearShape]:
         """The linear layers an adapter may target (every ``nn.Linear`` but the output layer)."""
@@ -56,19 +57,24 @@ class ModelRunner:
             if isinstance(m, nn.Linear) and m is not output_layer
         }
 
-    def expert_shapes(self) -> dict[str, dict[str, ExpertsShape]]:
-        """The fused experts parameters an adapter may target: experts module -> projection -> shape."""
-        return {name: moe_lora.projections(m) for name, m in self._experts.items()}
+    def parameter_shapes(self) -> ParamShapes:
+        """The parameters an adapter may target (PEFT ``target_parameters``): fused experts projections and
+        router weights, as module -> parameter -> shape."""
+        shapes: ParamShapes = {name: moe_lora.projections(m) for name, m in self._experts.items()}
+        return shapes | {name: {"weight": router_lora.shape(m)} for name, m in self._routers.items()}
 
     def adapt(self, name: str) -> PagedLoRA | PagedExpertLoRA:
-        """The page tables of linear (or fused experts parameter) ``name``, set up for batched LoRA on first use."""
+        """The page tables of linear, fused experts parameter or router weight ``name``, set up for batched
+        LoRA on first use."""
         if name not in self.lora_layers:
             module, _, param = name.rpartition(".")
+            pool, capacity = self.pool.slots, self.num_adapters
             if module in self._experts:
-                experts = self._experts[module]
-                self.lora_layers[name] = moe_lora.adapt(experts, param, self.pool.slots, self.num_adapters)
+                self.lora_layers[name] = moe_lora.adapt(self._experts[module], param, pool, capacity)
+            elif module in self._routers:
+                self.lora_layers[name] = router_lora.adapt(self._routers[module], self._active, pool, capacity)
             else:
-                wrapper = wrap_linear(self.model, name, self._active, self.pool.slots, self.num_adapters)
+                wrapper = wrap_linear(self.model, name, self._active, pool, capacity)
                 self.lora_layers[name] = wrapper.lora
         return self.lora_layers[name]
 
