@@ -121,11 +121,32 @@ def oracle_logits(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
         return model(ids).logits[0, len(prompt) - 1 :].float()
 
 
-def run_mixed(engine, paths, prompts=PROMPTS):
+def run_mixed(engine, paths, prompts=PROMPTS, new_tokens=NEW_TOKENS):
     """Every adapter and the base model on every prompt, all in one ``generate``; returns (jobs, completions)."""
     jobs = [(adapter, prompt) for adapter in [*paths, None] for prompt in prompts]
-    greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+    greedy = SamplingParams(max_tokens=new_tokens, temperature=0)
     return jobs, engine.generate([p for _, p in jobs], greedy, [a for a, _ in jobs])
+
+
+def check_mixed_batch(lora, base, paths, where: str, prompts=PROMPTS, new_tokens=NEW_TOKENS, **config) -> Engine:
+    """Register ``paths`` in an engine on ``base`` (``config``: EngineConfig fields), run them and the base on
+    ``prompts`` in one mixed batch, and check each request's tokens and every sampled row's logits against PEFT's
+    ``PeftModel`` for its adapter alone (the base model for base rows). Returns the engine."""
+    engine = Engine(copy.deepcopy(base), config=EngineConfig(**{"pool_slots": 20000, "max_batch_tokens": 64, **config}))
+    for name, path in paths.items():
+        engine.add_adapter(name, path)
+    logits = record_logits(engine)
+    jobs, results = run_mixed(engine, paths, prompts, new_tokens)
+    oracles = {name: PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval() for name, path in paths.items()}
+    oracles[None] = base
+    for (adapter, prompt), result in zip(jobs, results):
+        at = f"{where} adapter={adapter} prompt of {len(prompt)}"
+        expected = lora.hf_generate(oracles[adapter], prompt, new_tokens)
+        assert result.token_ids == expected, at
+        got = torch.stack(logits[result.request_id]).cpu()
+        torch.testing.assert_close(got, oracle_logits(oracles[adapter], prompt, expected), atol=ATOL, rtol=0,
+                                   msg=lambda m: f"{at}: {m}")
+    return engine
 
 
 @pytest.mark.parametrize(
@@ -136,21 +157,8 @@ def run_mixed(engine, paths, prompts=PROMPTS):
 def test_mixed_batch_matches_peft_per_adapter(family, overrides, tmp_path, lora, device):
     base = tiny_moe(family, **overrides)
     paths = save_adapters(lora, base, tmp_path, adapters_for(family))
-    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=20000, max_batch_tokens=16, device=device))
-    for name, path in paths.items():
-        engine.add_adapter(name, path)
-    logits = record_logits(engine)
-    jobs, results = run_mixed(engine, paths)
-
-    oracles = {name: PeftModel.from_pretrained(copy.deepcopy(base), str(path)).eval() for name, path in paths.items()}
-    oracles[None] = base
-    for (adapter, prompt), result in zip(jobs, results):
-        where = f"{family} adapter={adapter} prompt of {len(prompt)}"
-        expected = lora.hf_generate(oracles[adapter], prompt, NEW_TOKENS)
-        assert result.token_ids == expected, where
-        got = torch.stack(logits[result.request_id]).cpu()
-        torch.testing.assert_close(got, oracle_logits(oracles[adapter], prompt, expected), atol=ATOL, rtol=0,
-                                   msg=lambda m: f"{where}: {m}")
+    # A 16-token budget splits the 13-token prompts' prefills across steps and mixes them with decodes.
+    check_mixed_batch(lora, base, paths, family, max_batch_tokens=16, device=device)
 
 
 @pytest.mark.parametrize(
@@ -164,16 +172,17 @@ def test_adapters_with_pre_fusion_target_names_match_peft(family, legacy, tmp_pa
     paths = save_adapters(lora, base, tmp_path, {"legacy": (4, ["q_proj", *legacy], None, {})})
     config = (tmp_path / "legacy" / "adapter_config.json").read_text()
     assert '"gate_up_proj"' in config and "rank_pattern" in config  # PEFT did convert them
-    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=20000, max_batch_tokens=64))
-    engine.add_adapter("legacy", paths["legacy"])
-    logits = record_logits(engine)
-    jobs, results = run_mixed(engine, paths)
-    oracles = {"legacy": PeftModel.from_pretrained(copy.deepcopy(base), str(paths["legacy"])).eval(), None: base}
-    for (adapter, prompt), result in zip(jobs, results):
-        expected = lora.hf_generate(oracles[adapter], prompt, NEW_TOKENS)
-        assert result.token_ids == expected, (adapter, len(prompt))
-        torch.testing.assert_close(torch.stack(logits[result.request_id]),
-                                   oracle_logits(oracles[adapter], prompt, expected), atol=ATOL, rtol=0)
+    check_mixed_batch(lora, base, paths, family)
+
+
+def test_layer_prefixed_targets_as_the_demo_recipe_writes_them(tmp_path, lora):
+    """``target_parameters`` naming one layer's experts (``layers.1.mlp.experts.gate_up_proj``; PEFT ignores
+    ``layers_to_transform`` for them) adapt that layer's experts only."""
+    base = tiny_moe("mixtral")
+    layer_one = [f"layers.1.{name}" for name in EXPERTS]
+    paths = save_adapters(lora, base, tmp_path, {"top": (4, ["q_proj"], layer_one, {"layers_to_transform": [1]})})
+    engine = check_mixed_batch(lora, base, paths, "layer 1 only")
+    assert engine.list_adapters()[0].num_modules == 3  # q_proj, gate_up_proj and down_proj of layer 1
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
@@ -216,17 +225,9 @@ def test_router_only_adapter_reroutes_tokens_as_peft(family, tmp_path, lora):
     the engine's per-row router LoRA must reproduce PEFT's routing, in a batch with base rows."""
     base = tiny_moe(family)
     paths = save_adapters(lora, base, tmp_path, {"router": (4, [], ["mlp.gate.weight"], {"alpha": 16})})
-    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=5000, max_batch_tokens=64))
-    engine.add_adapter("router", paths["router"])
-    logits = record_logits(engine)
-    jobs, results = run_mixed(engine, paths)
-    oracles = {"router": PeftModel.from_pretrained(copy.deepcopy(base), str(paths["router"])).eval(), None: base}
-    assert (oracle_logits(oracles["router"], PROMPTS[0], [0]) - oracle_logits(base, PROMPTS[0], [0])).abs().max() > 0.1
-    for (adapter, prompt), result in zip(jobs, results):
-        expected = lora.hf_generate(oracles[adapter], prompt, NEW_TOKENS)
-        assert result.token_ids == expected, (adapter, len(prompt))
-        torch.testing.assert_close(torch.stack(logits[result.request_id]),
-                                   oracle_logits(oracles[adapter], prompt, expected), atol=ATOL, rtol=0)
+    adapted = PeftModel.from_pretrained(copy.deepcopy(base), str(paths["router"])).eval()
+    assert (oracle_logits(adapted, PROMPTS[0], [0]) - oracle_logits(base, PROMPTS[0], [0])).abs().max() > 0.1
+    check_mixed_batch(lora, base, paths, family)
 
 
 def test_pool_accounting_hot_unload_and_eviction(tmp_path, lora):
@@ -356,17 +357,5 @@ def test_triton_path_matches_peft(tmp_path, lora, device):
         pytest.skip("the oracle tests above run the Triton path on this GPU")
     base = tiny_moe("qwen3_moe")
     paths = save_adapters(lora, base, tmp_path)
-    engine = Engine(copy.deepcopy(base), config=EngineConfig(pool_slots=20000, max_batch_tokens=64))
-    for name, path in paths.items():
-        engine.add_adapter(name, path)
-    logits = record_logits(engine)
-    jobs = [(adapter, PROMPTS[0]) for adapter in [*paths, None]]
     with use_backend("triton"):
-        results = engine.generate([p for _, p in jobs], SamplingParams(max_tokens=2, temperature=0),
-                                  [a for a, _ in jobs])
-    for (adapter, prompt), result in zip(jobs, results):
-        oracle = base if adapter is None else PeftModel.from_pretrained(copy.deepcopy(base), str(paths[adapter]))
-        expected = lora.hf_generate(oracle.eval(), prompt, 2)
-        assert result.token_ids == expected, adapter
-        torch.testing.assert_close(torch.stack(logits[result.request_id]), oracle_logits(oracle, prompt, expected),
-                                   atol=ATOL, rtol=0)
+        check_mixed_batch(lora, base, paths, "triton", prompts=PROMPTS[:1], new_tokens=2)
