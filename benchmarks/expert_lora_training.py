@@ -4,7 +4,10 @@ Baseline (what a user runs today): PEFT's `LoraConfig(target_parameters=[experts
 experts.down_proj])` on the transformers model, which folds W + scaling * B A for every expert at every
 forward. Ours: the same PEFT model on a model patched by `moeplug.patch_model`, whose experts run the
 adapter as grouped low-rank GEMMs (and the experts themselves as grouped GEMMs). Only the adapter trains,
-as in any LoRA run: the backward computes input gradients through the frozen experts. Same weights, same adapter, same batch, one process, fp32 on CPU, forward + backward per step,
+as in any LoRA run: the backward computes input gradients through the frozen experts. A step is forward,
+backward and an AdamW step. Extra memory: the peak resident memory of one step above the memory held
+between steps (weights, adapter, optimizer state), each system alone in a fresh process (Linux
+`/proc/self/clear_refs` resets the peak). Same weights, same adapter, same batch, one process, fp32 on CPU, forward + backward per step,
 median of round-robin repeats.
 
     .venv/bin/python benchmarks/expert_lora_training.py --json benchmarks/results/expert_lora_training.json
@@ -17,6 +20,7 @@ import argparse
 import copy
 import json
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -52,15 +56,8 @@ def _lora(model, rank: int):
     return get_peft_model(model, config)
 
 
-def _step(model, ids):
-    def run():
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-    return run
-
-
-def measure(shape, rank: int, warmup: int, repeats: int) -> dict:
-    """Seconds per LoRA training step (forward + backward) of PEFT without and with moeplug, and the ratio."""
+def _systems(shape, rank: int) -> tuple[dict, torch.Tensor]:
+    """{"transformers + PEFT": model, "moeplug + PEFT": model} with the same weights and adapter, and a batch."""
     experts, top_k, hidden, width, layers, batch, length = shape
     base = _model(experts, top_k, hidden, width, layers)
     patched = copy.deepcopy(base)
@@ -68,10 +65,50 @@ def measure(shape, rank: int, warmup: int, repeats: int) -> dict:
     theirs, ours = _lora(base, rank), _lora(patched, rank)
     ours.load_state_dict(theirs.state_dict())
     ids = torch.randint(0, 512, (batch, length), generator=torch.Generator().manual_seed(1))
-    steps = {"transformers + PEFT": _step(theirs, ids), "moeplug + PEFT": _step(ours, ids)}
-    seconds = _median_times(steps, warmup, repeats)
-    return {"seconds": seconds, "moeplug_peft_speedup": seconds["transformers + PEFT"] / seconds["moeplug + PEFT"],
-            "transformers_experts_implementation": theirs.config._experts_implementation}
+    return {"transformers + PEFT": theirs, "moeplug + PEFT": ours}, ids
+
+
+def _train_step(model, ids):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+    return run
+
+
+def _status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def extra_memory(system: str, shape, rank: int) -> int:
+    """Bytes one training step of `system` holds at its peak above what stays between steps (this process)."""
+    models, ids = _systems(shape, rank)
+    step = _train_step(models.pop(system), ids)
+    del models
+    step()  # optimizer state, allocator pools
+    before = _status_bytes("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    step()
+    return _status_bytes("VmHWM") - before
+
+
+def measure(shape, rank: int, warmup: int, repeats: int) -> dict:
+    """Seconds per LoRA training step of PEFT without and with moeplug, extra memory of each, and the ratios."""
+    models, ids = _systems(shape, rank)
+    seconds = _median_times({name: _train_step(model, ids) for name, model in models.items()}, warmup, repeats)
+    memory = {}
+    for system in models:  # a fresh process each, so the other system's peak does not count
+        child = [sys.executable, __file__, "--memory-of", system, "--shape", json.dumps(shape), "--rank", str(rank)]
+        memory[system] = int(subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return {"seconds": seconds, "extra_memory_bytes": memory,
+            "moeplug_peft_speedup": seconds["transformers + PEFT"] / seconds["moeplug + PEFT"],
+            "moeplug_peft_memory_saving": memory["transformers + PEFT"] / max(memory["moeplug + PEFT"], 1),
+            "transformers_experts_implementation": models["transformers + PEFT"].config._experts_implementation}
 
 
 def main() -> None:
@@ -82,16 +119,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, seconds (CI smoke)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)  # child process: print one system's extra memory
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.memory_of:
+        print(extra_memory(args.memory_of, json.loads(args.shape), args.rank))
+        return
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     if args.smoke:
         args.warmup, args.repeats = 0, 1
     rows = {}
     for name, shape in shapes.items():
         rows[name] = measure(shape, args.rank, args.warmup, args.repeats)
-        times = "  ".join(f"{impl} {s * 1e3:.0f} ms" for impl, s in rows[name]["seconds"].items())
-        print(f"{name}: {times}  -> moeplug+PEFT {rows[name]['moeplug_peft_speedup']:.2f}x PEFT's step")
+        row = rows[name]
+        times = "  ".join(f"{system} {s * 1e3:.0f} ms, +{row['extra_memory_bytes'][system] / 2**20:.0f} MiB"
+                          for system, s in row["seconds"].items())
+        print(f"{name}: {times}  -> {row['moeplug_peft_speedup']:.2f}x faster, "
+              f"{row['moeplug_peft_memory_saving']:.2f}x less extra memory")
     result = {"command": " ".join(sys.argv), "torch": torch.__version__, "transformers": transformers.__version__,
               "machine": platform.processor() or platform.machine(), "threads": args.threads, "rank": args.rank,
               "shapes": {name: list(shape) for name, shape in shapes.items()}, "results": rows}

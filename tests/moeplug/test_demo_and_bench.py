@@ -41,5 +41,5 @@ def test_expert_lora_training_benchmark_smoke(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "expert_lora_training.py"), "--smoke", "--json", str(out)],
                    check=True, cwd=ROOT, timeout=300)
     result = next(iter(json.loads(out.read_text())["results"].values()))
-    assert set(result["seconds"]) == {"transformers + PEFT", "moeplug + PEFT"}
+    assert set(result["seconds"]) == set(result["extra_memory_bytes"]) == {"transformers + PEFT", "moeplug + PEFT"}
     assert all(v > 0 for v in result["seconds"].values())
