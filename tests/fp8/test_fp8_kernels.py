@@ -152,6 +152,7 @@ def test_errors_name_the_bad_value():
         fp8.dequantize_fp8(codes, torch.ones(3), 16)
 
 
+@pytest.mark.slow  # every FP8 kernel under the Triton interpreter (~20 s)
 def test_triton_kernels_match_references(device):
     cases = Path(__file__).with_name("triton_interpreter_cases.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

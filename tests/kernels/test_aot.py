@@ -14,6 +14,8 @@ import pytest
 
 from kernels import _aot
 
+pytestmark = pytest.mark.slow  # compiles every kernel config for two GPU architectures (~45 s)
+
 
 @pytest.fixture(scope="module")
 def reports(device):

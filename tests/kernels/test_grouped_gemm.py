@@ -85,7 +85,7 @@ def test_triton_matches_reference(shape, mode, dtype, device):
     torch.testing.assert_close(out, expected, **TOL[dtype])
 
 
-@pytest.mark.parametrize("experts", [2, 37, 300])
+@pytest.mark.parametrize("experts", [2, 37, pytest.param(300, marks=pytest.mark.slow)])
 def test_triton_finds_each_block_among_many_experts(experts, device):
     # Rows land in few of many experts (most empty, not a power of two): the kernel locates its block by
     # scanning all experts' row ends, so empty runs and a wide lookup must still place every row.
