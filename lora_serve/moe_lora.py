@@ -82,11 +82,15 @@ class ExpertsLoRA:
         # Every projection of a layer shares the capacity and E, so one grouping serves them all.
         return tables.segments(step.lora.row_adapter[token_of_pair], expert_of_pair)
 
+    def adapts(self, param: str, segments) -> bool:
+        """Whether projection ``param`` has LoRA to add in this step (``segments`` from :meth:`segments`)."""
+        tables = self.projections.get(param)
+        return segments is not None and tables is not None and tables.num_set > 0
+
     def add(self, param: str, y: torch.Tensor, x: torch.Tensor, segments) -> None:
         """``y += scale · x A_{a,e}ᵀ B_{a,e}ᵀ`` per pair for projection ``param`` (nothing if not adapted)."""
-        tables = self.projections.get(param)
-        if segments is not None and tables is not None and tables.num_set:
-            add_expert_lora(y, x, tables, segments)
+        if self.adapts(param, segments):
+            add_expert_lora(y, x, self.projections[param], segments)
 
 
 def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -117,15 +121,22 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     if self.has_bias:
         projected = projected + getattr(self, f"{in_name}_bias")[sorted_expert]
     activated = self._apply_gate(projected) if self.has_gate else self.act_fn(projected)
+    gates = top_k_weights.reshape(-1)[order]
+    post_norm = getattr(self, "has_post_expert_norm", False)
+    if not (self.has_bias or post_norm or state.adapts("down_proj", segments)):
+        # Nothing to add between the GEMM and the gates: the GEMM applies them (in fp32) and writes the rows
+        # back in (token, choice) order itself.
+        out = grouped_mm(activated, w_out, offsets, gates=gates, scatter_index=order)
+        return out.view(tokens, top_k, -1).sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
     out = grouped_mm(activated, w_out, offsets)
     state.add("down_proj", out, activated, segments)
     if self.has_bias:
         out = out + self.down_proj_bias[sorted_expert]
-    if getattr(self, "has_post_expert_norm", False):
+    if post_norm:
         out = self.post_expert_norm(out)
     # Gates are applied and the k outputs summed in fp32 before rounding, as transformers' experts do for
     # low-precision models whose routers return fp32 weights.
-    weighted = out.float() * top_k_weights.reshape(-1)[order].float().unsqueeze(1)
+    weighted = out.float() * gates.float().unsqueeze(1)
     per_choice = torch.empty_like(weighted).index_copy_(0, order, weighted)
     return per_choice.view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
