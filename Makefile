@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo demo-moe test test-fast conformance bench clean
+.PHONY: install demo demo-tiny demo-moe test test-fast conformance bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# The whole path: tiny MoE base -> fine-tune 3 LoRA adapters (50 steps each, FP8AdamW, global-batch balancing) ->
-# serve them all with lora-serve -> query each with the openai client; writes out/finetune_lora_demo/.
+# The whole path on a real model: SmolLM2-135M-Instruct upcycled to MoE (moeplug) -> routers trained with
+# global-batch balancing -> 3 LoRA adapters on 3 tasks from ../shared/data/abstracts.txt (FP8AdamW) -> served by
+# lora-serve with the base -> asked through the openai client; writes out/smollm_demo/ (report.md, PNG, JSON).
 demo: $(STAMP)
+	$(PY) recipes/smollm_demo/demo.py $(DEMO_ARGS)
+
+# The same path on a tiny random Mixtral with a character tokenizer (Accelerate/DeepSpeed launchers); writes
+# out/finetune_lora_demo/.
+demo-tiny: $(STAMP)
 	$(PY) recipes/finetune_lora/demo.py $(DEMO_ARGS)
 
 # moeplug alone: patch a tiny Mixtral, train it briefly, print loss, per-expert load and speed.
