@@ -112,12 +112,17 @@ class PagedExpertLoRA:
         """Whether an adapter is set at ``index``."""
         return self.paged.is_set(index * self.num_experts)
 
-    def segments(self, row_adapter: torch.Tensor, row_expert: torch.Tensor) -> LoRASegments:
-        """The (row, expert) pairs grouped by (adapter, expert), for :func:`kernels.lora.add_lora` on ``paged``.
+    def segments(
+        self, row_adapter: torch.Tensor, row_expert: torch.Tensor, adapters: int | None = None
+    ) -> LoRASegments:
+        """The (row, expert) pairs grouped by (adapter, expert), for :func:`add_expert_lora`.
 
         Args:
             row_adapter: ``[S]`` int, the adapter table index of each pair's row (-1: base model, adds nothing).
             row_expert: ``[S]`` int, each pair's expert in ``[0, E)``.
+            adapters: a bound on the adapter indices used (``row_adapter < adapters``), default ``capacity``:
+                the Triton kernels scan ``adapters * E + 1`` segment ends per program, so a step that knows
+                it uses indices 0-9 of 64 passes 10.
         Built on the pairs' device without reading them on the host (no stream synchronisation on a GPU);
         one grouping serves every projection of the layer that shares this ``capacity`` and ``E``.
         """
@@ -127,7 +132,8 @@ class PagedExpertLoRA:
                 f"{tuple(row_expert.shape)}"
             )
         virtual = torch.where(row_adapter >= 0, row_adapter.long() * self.num_experts + row_expert.long(), -1)
-        return LoRASegments(virtual, self.paged.capacity)
+        adapters = self.capacity if adapters is None else min(adapters, self.capacity)
+        return LoRASegments(virtual, adapters * self.num_experts)
 
 
 def add_expert_lora(y: torch.Tensor, x: torch.Tensor, tables: PagedExpertLoRA, segments: LoRASegments) -> torch.Tensor:

@@ -106,6 +106,14 @@ class LoRASegments:
         return both[: len(rows)], both[len(rows) :]  # one host-to-device copy
 
     @cached_property
+    def adapters_used(self) -> int:
+        """One past the largest adapter index a row uses (0: none), read without touching the device: for
+        host rows exactly, for a tensor ``num_adapters``. Layers that regroup rows size their groups by it."""
+        if self._list is None:
+            return self.num_adapters
+        return max(self._list, default=-1) + 1
+
+    @cached_property
     def row_adapter(self) -> torch.Tensor:
         """``[T]`` int64 on the batch's device: each row's adapter (-1: none), in row order. Layers that
         regroup the rows (MoE experts: by adapter and expert) read it; one host-to-device copy per batch."""

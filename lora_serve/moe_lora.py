@@ -79,8 +79,9 @@ class ExpertsLoRA:
             return None
         if step.lora.num_rows != tokens:
             raise RuntimeError(f"experts got {tokens} token rows but the step packs {step.lora.num_rows}")
-        # Every projection of a layer shares the capacity and E, so one grouping serves them all.
-        return tables.segments(step.lora.row_adapter[token_of_pair], expert_of_pair)
+        # Every projection of a layer shares the capacity and E, so one grouping serves them all; sized by the
+        # adapter indices this step uses (known on the host), not the table's capacity.
+        return tables.segments(step.lora.row_adapter[token_of_pair], expert_of_pair, step.lora.adapters_used)
 
     def adapts(self, param: str, segments) -> bool:
         """Whether projection ``param`` has LoRA to add in this step (``segments`` from :meth:`segments`)."""

@@ -265,10 +265,12 @@ def test_expert_lora_matches_dense_math_per_pair(backend, scattered, pairs, devi
         if index in dense:
             a, b, scale = dense[index]
             expected[t] += scale * (x[t] @ a[expert].t() @ b[expert].t())
-    segments = tables.segments(row_adapter.to(device), row_expert.to(device))
-    with use_backend(backend):
-        got = add_expert_lora(y.to(device), x.to(device), tables, segments)
-    torch.testing.assert_close(got.cpu(), expected, **TOL[torch.float32])
+    # Sized by the indices used (0-3 of 4, as a serving step knows from its host rows) and by the capacity.
+    for adapters in (int(row_adapter.max()) + 1, None):
+        segments = tables.segments(row_adapter.to(device), row_expert.to(device), adapters)
+        with use_backend(backend):
+            got = add_expert_lora(y.clone().to(device), x.to(device), tables, segments)
+        torch.testing.assert_close(got.cpu(), expected, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -298,6 +300,7 @@ def test_expert_lora_bookkeeping_and_bad_input():
         tables.set_adapter(1, torch.arange(5), 3, 1.0)
     with pytest.raises(ValueError, match="cannot hold 4 experts"):
         PagedExpertLoRA(PagedLoRA(torch.zeros(8, SLOT_WIDTH), K_DIM, N_DIM, 6), 4)
+    assert LoRASegments([-1, 2, 0], 5).adapters_used == 3 and LoRASegments([-1], 5).adapters_used == 0
     with pytest.raises(ValueError, match="must be 1-D of one length"):
         tables.segments(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
     segments = tables.segments(torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long))
