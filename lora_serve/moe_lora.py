@@ -2,8 +2,9 @@
 
 Plugged into transformers' experts interface (``ALL_EXPERTS_FUNCTIONS.register`` +
 ``model.set_experts_implementation``), so every family whose experts module is decorated with
-``@use_experts_implementation`` (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3, GPT-OSS) runs it with its
-own router, gating and shared experts untouched. Per layer:
+``@use_experts_implementation`` runs it with its own router, gating and shared experts untouched (tested:
+Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; biases and transposed weights as GPT-OSS has are handled, but the
+engine refuses GPT-OSS and DeepSeek-V3 for their attention, see ``model_runner.py``). Per layer:
 
 1. the (token, chosen expert) pairs are sorted by expert once and both projections run as one
    ``kernels.grouped_mm`` each (Triton on GPU, ``torch._grouped_mm`` on CPU), not a loop over experts;
