@@ -117,13 +117,15 @@ def engine_options(args) -> dict:
             "max_batch_size": args.max_batch_size, "max_resident_adapters": args.resident}
 
 
-def start_server(args, model: str, adapter_root: Path, log) -> ServerProcess:
-    """``python -m lora_serve`` on a free loopback port (``lora_serve.testing``), once ``/health`` answers 200;
-    exits with the server's log if it does not start."""
+def start_server(args, model: str, adapter_root: Path, log, extra: tuple[str, ...] = ()) -> ServerProcess:
+    """``python -m lora_serve <extra>`` on a free loopback port (``lora_serve.testing``), once ``/health``
+    answers 200; exits with the server's log if it does not start. ``args.threads`` None: torch's default."""
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in engine_options(args).items()]
     cmd = ["--model", model, "--served-model-name", "base", "--adapter-root", str(adapter_root),
-           "--log-level", "warning", "--shutdown-timeout", "5", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}  # torch takes its thread count from it
+           "--log-level", "warning", "--shutdown-timeout", "5", *flags, *extra]
+    env = dict(os.environ)
+    if args.threads is not None:
+        env["OMP_NUM_THREADS"] = str(args.threads)  # torch takes its thread count from it
     try:
         return start_server_process(cmd, timeout=args.startup_timeout, env=env, stdout=log)
     except (RuntimeError, TimeoutError) as err:
