@@ -1,8 +1,9 @@
 """The FastAPI application: OpenAI-compatible generation, model listing, adapter hot-loading, health and
 metrics, around one ``Engine``.
 
-``create_app(engine, config)`` returns the app; its lifespan starts the engine's step thread
-(``AsyncEngine``) and stops it on shutdown, after uvicorn has let in-flight requests finish (or
+``create_app(engine, config)`` returns the app. ``engine`` is a running ``EngineProcess`` (the engine in its
+own process, what ``lora-serve`` uses) or an ``Engine``, which the lifespan steps in a thread
+(``AsyncEngine``). Either is stopped on shutdown, after uvicorn has let in-flight requests finish (or
 cancelled them, which aborts them in the engine).
 
 What a request may cost is bounded before it reaches a handler: the API key is checked before the body
