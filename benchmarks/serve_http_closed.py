@@ -27,6 +27,7 @@ import json
 import os
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,7 +88,8 @@ def make_systems(args, servers: dict, engine: Engine, peft, loop: asyncio.Abstra
     params = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=True)
     systems = {}
     for name, server in servers.items():
-        limits = httpx.Limits(max_connections=max(args.concurrency) + 8, max_keepalive_connections=max(args.concurrency) + 8)
+        most = max(args.concurrency) + 8
+        limits = httpx.Limits(max_connections=most, max_keepalive_connections=most)
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=args.timeout,
                                     http_client=httpx.AsyncClient(limits=limits, timeout=args.timeout))
         for stream in args.stream:
@@ -128,6 +130,33 @@ def run(args, systems: dict, names: list[str], vocab: int) -> list[dict]:
     return results
 
 
+def guidellm(args, url: str, tokenizer_dir: Path, concurrency: int, out: Path) -> dict:
+    """guidellm as a client we did not write: ``concurrency`` concurrent SSE streams of ``/v1/completions``,
+    ``concurrency * --repeats`` requests, synthetic prompts of ``--prompt-len`` tokens, ``--new-tokens`` out.
+
+    guidellm sends one model name, so every request goes to ``adapter0`` (the most popular under Zipf).
+    It runs from its own environment (``--guidellm PATH``): it pins click~=8.4, this project click 8.5.
+    """
+    command = [args.guidellm, "run", "--backend", f"kind=openai_http,target={url},model=adapter0,"
+               "request_format=/v1/completions", "--profile", f"kind=concurrent,streams={concurrency}",
+               "--constraint", f"kind=max_requests,count={concurrency * args.repeats}",
+               "--tokenizer", f"kind=hf_auto,model={tokenizer_dir}",
+               "--data", f"kind=synthetic_text,prompt_tokens={args.prompt_len},output_tokens={args.new_tokens}",
+               "--output", f"kind=json,path={out}", "--disable-console-interactive"]
+    done = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=args.timeout)
+    if done.returncode != 0:
+        sys.exit(f"guidellm failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    metrics = json.loads(out.read_text())["benchmarks"][0]["metrics"]
+    ok = {k: metrics[k]["successful"] for k in ("output_tokens_per_second", "time_to_first_token_ms",
+                                                 "inter_token_latency_ms", "output_token_count")}
+    return {"output_tokens_per_s": ok["output_tokens_per_second"]["mean"],
+            "requests": metrics["request_totals"]["successful"], "errors": metrics["request_totals"]["errored"],
+            "output_tokens_mean": ok["output_token_count"]["mean"],
+            **{f"{name}_ms_p{q}": ok[f"{key}_ms"]["percentiles"][f"p{q}"]
+               for name, key in (("ttft", "time_to_first_token"), ("itl", "inter_token_latency")) for q in (50, 99)}}
+
+
 def markdown(args, results: list[dict]) -> str:
     """One row per concurrency: each system's tok/s, then the ratios."""
     names = list(results[0]["tokens_per_s"])
@@ -139,6 +168,15 @@ def markdown(args, results: list[dict]) -> str:
                      + " | ".join(f"{r['tokens_per_s'][n]:.1f}" for n in names) + " | "
                      + " | ".join(f"{r['ratios'][n]:.2f}x" for n in ratio_names)
                      + f" | {r['load_average_1_5_15'][0]:.1f} |")
+    if any("guidellm" in r for r in results):
+        lines += ["", "| C | guidellm -> http: output tok/s | / in-process | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) "
+                  "| requests | errors |", "|---|---|---|---|---|---|---|"]
+        for r in results:
+            g = r["guidellm"]
+            lines.append(f"| {r['concurrency']} | {g['output_tokens_per_s']:.1f} | "
+                         f"{g['output_tokens_per_s'] / r['tokens_per_s']['in-process']:.2f}x | {g['ttft_ms_p50']:.1f} / "
+                         f"{g['ttft_ms_p99']:.1f} | {g['itl_ms_p50']:.1f} / {g['itl_ms_p99']:.1f} | {g['requests']} | "
+                         f"{g['errors']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -160,6 +198,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resident", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--startup-timeout", type=float, default=300.0)
+    parser.add_argument("--guidellm", metavar="PATH", help="the guidellm executable (its own venv) to run against "
+                        "the http server at each concurrency too (default: skipped)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, 4 adapters, C=4 and 8, 4 tokens, 1 repeat")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "serve_http_closed.json")
     args = parser.parse_args()
@@ -192,6 +232,12 @@ def main() -> None:
             finally:
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
+            if args.guidellm and "http" in servers:
+                engine.tokenizer.save_pretrained(Path(tmp) / "tokenizer")  # guidellm counts tokens with it
+                for row in results:
+                    row["guidellm"] = guidellm(args, servers["http"].url, Path(tmp) / "tokenizer",
+                                               row["concurrency"], Path(tmp) / f"guidellm_{row['concurrency']}.json")
+                    print(f"C={row['concurrency']} guidellm -> http: {row['guidellm']}", flush=True)
         finally:
             for server in servers.values():
                 stop_server_process(server.process)

@@ -152,7 +152,8 @@ class EngineProcess(OutputStreams):
             self._stop_process(0)
             if isinstance(err, TimeoutError):
                 raise
-            raise RuntimeError(f"the engine process exited (code {self.process.exitcode}) before it was ready") from None
+            code = self.process.exitcode
+            raise RuntimeError(f"the engine process exited (code {code}) before it was ready") from None
         if kind == "failed":
             self._stop_process(5)
             raise payload
