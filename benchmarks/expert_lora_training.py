@@ -7,7 +7,7 @@ adapter as grouped low-rank GEMMs (and the experts themselves as grouped GEMMs).
 as in any LoRA run: the backward computes input gradients through the frozen experts. A step is forward,
 backward and an AdamW step. Extra memory: the peak resident memory of one step above the memory held
 between steps (weights, adapter, optimizer state), each system alone in a fresh process (Linux
-`/proc/self/clear_refs` resets the peak). Same weights, same adapter, same batch, one process, fp32 on CPU, forward + backward per step,
+`/proc/self/clear_refs` resets the peak; see MALLOC_ENV). Same weights, same adapter, same batch, one process, fp32 on CPU, forward + backward per step,
 median of round-robin repeats.
 
     .venv/bin/python benchmarks/expert_lora_training.py --json benchmarks/results/expert_lora_training.json
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -37,7 +38,12 @@ SHAPES = {  # name: (experts, top_k, hidden, expert width, layers, batch, sequen
     "Mixtral-like E8/k2, 4x256 tokens": (8, 2, 512, 1024, 2, 4, 256),
     "fine-grained E64/k8, 4x256 tokens": (64, 8, 512, 128, 2, 4, 256),
     "short sequences E8/k2, 8x32 tokens": (8, 2, 512, 1024, 2, 8, 32),
+    "short sequences E64/k8, 8x32 tokens": (64, 8, 512, 128, 2, 8, 32),
 }
+# In the memory child: every allocation of 64 KiB or more gets its own mapping, returned to the system when
+# freed, so resident memory follows what tensors hold (glibc's default keeps freed heap memory resident, which
+# lets a step reuse the previous step's pages and hides its peak).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 SMOKE_SHAPES = {"smoke E4/k2": (4, 2, 32, 48, 1, 2, 8)}
 
 
@@ -104,7 +110,8 @@ def measure(shape, rank: int, warmup: int, repeats: int) -> dict:
     memory = {}
     for system in models:  # a fresh process each, so the other system's peak does not count
         child = [sys.executable, __file__, "--memory-of", system, "--shape", json.dumps(shape), "--rank", str(rank)]
-        memory[system] = int(subprocess.run(child, check=True, capture_output=True, text=True).stdout.split()[-1])
+        done = subprocess.run(child, check=True, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
+        memory[system] = int(done.stdout.split()[-1])
     return {"seconds": seconds, "extra_memory_bytes": memory,
             "moeplug_peft_speedup": seconds["transformers + PEFT"] / seconds["moeplug + PEFT"],
             "moeplug_peft_memory_saving": memory["transformers + PEFT"] / max(memory["moeplug + PEFT"], 1),

@@ -34,6 +34,7 @@ CHECKED = {
     ("P1: moeplug-patched MoE block", "shape", 1), ("Issue 3: expert parallelism", "ranks", 0),
     ("Issue 3: expert parallelism", "ranks", 1), ("P1 at small sizes", "shape", 0),
     ("Conformance: transformers' own model tests", "family", 0),
+    ("LoRA on MoE experts: a PEFT training step", "shape", 0),
 }
 # Tables typed from runs whose JSON was not kept (a later run of the same script overwrote it), with where
 # their numbers live instead. A new table must be checked by a test below or listed here.
@@ -248,6 +249,19 @@ def test_moe_layer_small_table():
         _check(f"P1 small {shape} vs grouped_mm", _numbers(vs_grouped)[0], recorded["moeplug_speedup_vs"]["grouped_mm"])
         _check(f"P1 small {shape} compiled", _numbers(vs_compiled)[0],
                recorded["compiled_moeplug_speedup_vs_compiled_grouped_mm"])
+
+
+def test_expert_lora_training_table():
+    results = _json("expert_lora_training.json")["results"]
+    for shape, theirs, ours, faster, theirs_mem, ours_mem, less in _table("LoRA on MoE experts: a PEFT training step",
+                                                                        "shape")[2]:
+        recorded = results[shape]
+        for shown, key in ((theirs, "transformers + PEFT"), (ours, "moeplug + PEFT")):
+            _check(f"expert LoRA {shape} {key}", _numbers(shown)[0], recorded["seconds"][key], 1000)
+        for shown, key in ((theirs_mem, "transformers + PEFT"), (ours_mem, "moeplug + PEFT")):
+            _check(f"expert LoRA {shape} {key} memory", _numbers(shown)[0], recorded["extra_memory_bytes"][key], 2**-20)
+        _check(f"expert LoRA {shape} speed-up", _numbers(faster)[0], recorded["moeplug_peft_speedup"])
+        _check(f"expert LoRA {shape} memory saving", _numbers(less)[0], recorded["moeplug_peft_memory_saving"])
 
 
 def test_conformance_table():
