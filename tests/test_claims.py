@@ -35,6 +35,7 @@ CHECKED = {
     ("Issue 3: expert parallelism", "ranks", 1), ("P1 at small sizes", "shape", 0),
     ("Conformance: transformers' own model tests", "family", 0),
     ("LoRA on MoE experts: a PEFT training step", "shape", 0),
+    ("Serving LoRA on MoE experts", "model", 0),
 }
 # Tables typed from runs whose JSON was not kept (a later run of the same script overwrote it), with where
 # their numbers live instead. A new table must be checked by a test below or listed here.
@@ -262,6 +263,23 @@ def test_expert_lora_training_table():
             _check(f"expert LoRA {shape} {key} memory", _numbers(shown)[0], recorded["extra_memory_bytes"][key], 2**-20)
         _check(f"expert LoRA {shape} speed-up", _numbers(faster)[0], recorded["moeplug_peft_speedup"])
         _check(f"expert LoRA {shape} memory saving", _numbers(less)[0], recorded["moeplug_peft_memory_saving"])
+
+
+def test_expert_lora_serving_table():
+    results = {(r["family"], r["adapters"]): r for r in _json("expert_lora_serving.json")["results"]}
+    systems = ("hf-plain", "peft-single", "engine-lora", "engine-base")
+    for model, n, distinct, *cells in _table("Serving LoRA on MoE experts", "model")[2]:
+        recorded = results[(model, int(n))]
+        assert int(distinct) == recorded["distinct_in_batch"]
+        for shown, system in zip(cells, systems):
+            _check(f"expert serving {model} {n} {system}", shown, recorded["systems"][system]["tokens_per_s"])
+        ratio, roof = _numbers(cells[4])
+        _check(f"expert serving {model} {n} lora/base", ratio, recorded["ratios"]["engine_lora_over_engine_base"])
+        _check(f"expert serving {model} {n} roof", roof, recorded["decode_roofline_lora_over_base"])
+        _check(f"expert serving {model} {n} vs peft", _numbers(cells[5])[0],
+               recorded["ratios"]["engine_lora_over_peft_single"])
+        _check(f"expert serving {model} {n} base vs hf", _numbers(cells[6])[0],
+               recorded["ratios"]["engine_base_over_hf_plain"])
 
 
 def test_conformance_table():
