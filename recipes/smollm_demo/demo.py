@@ -1,7 +1,7 @@
 """``make demo``: a real small LLM, upcycled to MoE, fine-tuned with three LoRA adapters and served by lora-serve.
 
-    python recipes/smollm_demo/demo.py                  # ~5 min on an idle 2-core CPU, plus install
-    python recipes/smollm_demo/demo.py --adapter-steps 8 --serve-prompts 3    # the test suite's short run
+    python recipes/smollm_demo/demo.py                  # 525 s on a shared 2-core CPU (load 2-3), one thread
+    python recipes/smollm_demo/demo.py --adapter-steps 8 --serve-prompts 3    # shorter (the test runs one)
 
 Stages (each prints what it does and how long it took):
  1. data: passages of two sentences from research abstracts -> three tasks (tasks.py), held out by abstract
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--router-steps", type=int, default=TrainConfig.router_steps)
     p.add_argument("--adapter-steps", type=int, default=TrainConfig.adapter_steps)
     p.add_argument("--batch", type=int, default=TrainConfig.batch)
-    p.add_argument("--eval-passages", type=int, default=16, help="held-out passages for the loss table")
+    p.add_argument("--eval-passages", type=int, default=8,
+                   help="held-out passages for the loss table and the expert loads")
     p.add_argument("--serve-prompts", type=int, default=8, help="held-out prompts sent to each served model")
     p.add_argument("--max-tokens", type=int, default=40, help="greedy tokens per served answer")
     args = p.parse_args(argv)
@@ -72,8 +73,9 @@ class Stages:
         print(f"\n== {len(self.times) + 1}. {title}", flush=True)
         wall, cpu = time.perf_counter(), time.process_time()
         result = fn(*args, **kwargs)
-        self.times[title] = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
-        print(f"   ({self.times[title]['wall_s']:.0f} s; {self.times[title]['cpu_s']:.0f} s CPU in this process)", flush=True)
+        took = {"wall_s": round(time.perf_counter() - wall, 1), "cpu_s": round(time.process_time() - cpu, 1)}
+        self.times[title] = took
+        print(f"   ({took['wall_s']:.0f} s; {took['cpu_s']:.0f} s CPU in this process)", flush=True)
         return result
 
 
@@ -135,7 +137,8 @@ def build(args, stages: Stages, train, held_out) -> dict:
     models = ["base", *tasks.TASKS]
     losses = stages.run("held-out loss of every model on every task (PEFT applies each adapter)",
                         report.loss_matrix, peft_model, tokenizer, eval_set, models)
-    loads.update({f"adapter {k}": v for k, v in report.expert_loads(peft_model, tokenizer, eval_set, list(tasks.TASKS)).items()})
+    adapter_loads = report.expert_loads(peft_model, tokenizer, eval_set, list(tasks.TASKS))
+    loads.update({f"adapter {k}": v for k, v in adapter_loads.items()})
     report.plot_curves(curves, args.out / "training_curves.png")
     return {"base": str(base_dir), "adapters": {k: str(v) for k, v in adapters.items()}, "losses": losses,
             "curves": curves, "loads": {k: v.tolist() for k, v in loads.items()}}
@@ -168,7 +171,8 @@ def print_report(summary: dict, out: Path) -> str:
     sample = ["| model | answer to held-out prompt 1 |", "|---|---|"]
     sample += [f"| {m} | {a[0].strip()!r} |" for m, a in summary["answers"].items()]
     text = "\n\n".join([
-        "Held-out answer loss per token (rows: model, PEFT; columns: task; lower is better):", report.loss_table(losses),
+        "Held-out answer loss per token (rows: model, PEFT; columns: task; lower is better):",
+        report.loss_table(losses),
         "\n".join(f"adapter {t}: {'best' if w else 'NOT best'} on its own task" for t, w in wins.items()),
         "Task scores of the served answers (greedy, lora-serve + openai client):",
         report.score_table(summary["scores"], len(summary["prompts"])),

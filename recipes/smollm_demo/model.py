@@ -42,7 +42,7 @@ def dense_smollm2(cache: Path) -> tuple[transformers.PreTrainedModel, object]:
 
 
 def upcycled_smollm2(cache: Path, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K):
-    """``(Mixtral model, tokenizer)``: SmolLM2 with each MLP upcycled to ``num_experts`` experts, ``top_k`` per token."""
+    """``(Mixtral model, tokenizer)``: SmolLM2, each MLP upcycled to ``num_experts`` experts, ``top_k`` per token."""
     dense, tokenizer = dense_smollm2(cache)
     return moeplug.upcycle(dense, num_experts, top_k).eval(), tokenizer
 
@@ -68,7 +68,7 @@ class ExpertLoad:
         return hook
 
     def measure(self, forward, batches) -> torch.Tensor:
-        """Run ``forward(batch)`` on each batch (dicts with ``attention_mask``); per-layer shares ``[layers, experts]``."""
+        """Run ``forward(batch)`` on each batch (dicts with ``attention_mask``); shares ``[layers, experts]``."""
         self.counts.zero_()
         handles = [r.register_forward_hook(self._hook(i)) for i, r in enumerate(self.routers)]
         try:

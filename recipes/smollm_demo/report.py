@@ -27,7 +27,8 @@ def loss_matrix(peft_model, tokenizer, held_out, models: list[str], batch: int =
     with torch.no_grad():
         for model_name in models:
             with _active(peft_model, model_name):
-                result[model_name] = {task: _mean_loss(peft_model, tokenizer, task, held_out, batch) for task in tasks.TASKS}
+                result[model_name] = {task: _mean_loss(peft_model, tokenizer, task, held_out, batch)
+                                      for task in tasks.TASKS}
     return result
 
 
@@ -40,7 +41,8 @@ def _mean_loss(model, tokenizer, task: str, passages, batch: int) -> float:
     return total / count
 
 
-def expert_loads(model, tokenizer, passages, models: list[str] | None = None, batch: int = 8) -> dict[str, torch.Tensor]:
+def expert_loads(model, tokenizer, passages, models: list[str] | None = None,
+                 batch: int = 8) -> dict[str, torch.Tensor]:
     """Per-layer expert load shares ``[layers, experts]`` on the held-out prompts, per model (PEFT) or for ``model``."""
     load = ExpertLoad(model)
     encoded = [tasks.encode(tokenizer, [(tasks.prompt(p), "") for p in passages[i : i + batch]])
@@ -93,7 +95,7 @@ def score_table(task_scores: dict[str, dict[str, dict]], n: int) -> str:
 
 
 def load_table(loads: dict[str, torch.Tensor]) -> str:
-    """Markdown: per model, the mean busiest-expert/mean-load ratio and the shares in the first, middle and last layer."""
+    """Markdown: per model, the mean busiest/mean load ratio and the shares in the first, middle and last layer."""
     layers = next(iter(loads.values())).shape[0]
     picks = [0, layers // 2, layers - 1]
     rows = ["| routers / model | busiest / mean (avg over layers) | " + " | ".join(f"layer {i} shares" for i in picks)
@@ -119,7 +121,7 @@ def plot_curves(curves: dict[str, list[float]], path: Path) -> None:
         smooth = torch.nn.functional.avg_pool1d(values[None, None], window, 1).flatten()
         (left if name == "routers" else right).plot(range(window, len(values) + 1), smooth.tolist(), label=name)
     left.set_title("routers: global-batch balancing loss (sum of layers)")
-    right.set_title("LoRA adapters: held-in answer loss per token")
+    right.set_title("LoRA adapters: training answer loss per token")
     for ax in (left, right):
         ax.set_xlabel("optimizer step (running mean of 3)")
         ax.legend(fontsize=8)

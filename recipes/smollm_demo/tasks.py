@@ -56,7 +56,7 @@ def _content_words(text: str) -> list[str]:
 
 
 def key_terms(text: str) -> list[str]:
-    """Distinct words of ``TERM_MIN_LETTERS``+ letters (long function words excepted), in order, at most ``MAX_TERMS``."""
+    """Distinct words of ``TERM_MIN_LETTERS``+ letters (long function words excepted), in order; ``MAX_TERMS``."""
     seen: list[str] = []
     for word in _content_words(text):
         if len(word.replace("-", "")) >= TERM_MIN_LETTERS and word not in seen:

@@ -23,7 +23,9 @@ import tasks
 # LoRA on attention of the top LORA_LAYERS layers: backward stops below the lowest adapted layer, so fewer
 # layers make a step much cheaper on a CPU, and the top layers are enough for a new answer format.
 ATTENTION_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-EXPERT_TARGET_PARAMETERS: list[str] = []  # to adapt the experts too: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+# To adapt the experts too (PEFT target_parameters on the fused expert weights):
+# EXPERT_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+EXPERT_TARGET_PARAMETERS: list[str] = []
 LORA_LAYERS = 8
 
 
@@ -31,12 +33,12 @@ LORA_LAYERS = 8
 class TrainConfig:
     """Options of both stages."""
 
-    router_steps: int = 20
-    adapter_steps: int = 30
+    router_steps: int = 12
+    adapter_steps: int = 25
     batch: int = 4
     rank: int = 16
-    lr: float = 2e-3
-    router_lr: float = 2e-3
+    lr: float = 3e-3
+    router_lr: float = 3e-3
     aux_loss_coef: float = 0.01
     seed: int = 0
     curves: dict[str, list[float]] = field(default_factory=dict)
