@@ -35,18 +35,15 @@ from .adapters import resolve_under_root
 from .config import ServerConfig
 from .errors import APIError, install_error_handlers
 from .openapi import ModelLimits, errors, generation_responses, install_openapi
-from .protocol import (
+from .protocol import ChatCompletionRequest, CompletionRequest, LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
+from .responses import (
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChunk,
-    CompletionRequest,
     CompletionResponse,
-    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     UnloadedAdapter,
-    UnloadLoRAAdapterRequest,
 )
 from .serving import OpenAIServing, prompt_char_limit
 

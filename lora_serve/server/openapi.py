@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .protocol import ErrorResponse
+from .responses import ErrorResponse
 
 _ERRORS = {
     400: "Bad request: the body is not valid JSON, breaks the schema, or asks for something this server cannot do. "

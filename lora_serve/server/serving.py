@@ -23,16 +23,15 @@ from .adapters import AdapterUsage
 from .config import ServerConfig
 from .errors import APIError
 from .metrics import ServerMetrics
-from .protocol import (
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
-    ChatCompletionRequest,
     CompletionChoice,
     CompletionChunk,
-    CompletionRequest,
     CompletionResponse,
     Delta,
     Usage,

@@ -26,6 +26,8 @@ from lora_serve import (
 from lora_serve.cli import parse_args, start_engine
 from lora_serve.request import RequestTooLargeError
 
+pytestmark = pytest.mark.slow  # starts server or engine processes: `make test`, not `make test-fast`
+
 PROMPTS = [[5, 17, 33, 9, 41, 77], [8, 19], [44, 45, 46, 47, 48, 49, 50, 51, 52]]
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)

@@ -75,6 +75,7 @@ def _stop(process: subprocess.Popen, lines: queue.Queue, log: list[str]) -> str:
     return "".join(log)
 
 
+@pytest.mark.slow  # a lora-serve process
 def test_cli_serves_adapters_and_shuts_down_gracefully(tmp_path, lora, serve):
     base = lora.tiny_model("llama")
     base.save_pretrained(tmp_path / "model")
@@ -159,6 +160,7 @@ def _inject(tmp_path: Path, code: str) -> str:
     return f"{tmp_path / 'inject'}{os.pathsep}{REPO}"
 
 
+@pytest.mark.slow  # a lora-serve process
 @pytest.mark.parametrize("mode", [[], ["--engine-thread"]], ids=["engine-process", "engine-thread"])
 def test_the_process_exits_non_zero_with_a_traceback_when_the_step_loop_dies(tmp_path, lora, mode):
     base = lora.tiny_model("llama")
@@ -185,6 +187,7 @@ def _spawned_children(pid: int) -> list[int]:
     return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
+@pytest.mark.slow  # a lora-serve process
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the engine process through Linux /proc")
 def test_a_killed_engine_process_gives_503s_and_the_server_exits(tmp_path, lora, serve):
     base = lora.tiny_model("llama")

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lora_serve import Engine, EngineConfig, SamplingParams
 from lora_serve.testing import serve_in_subprocess
 
+pytestmark = pytest.mark.slow  # a lora-serve process with its engine process: `make test`, not `make test-fast`
 REPO = Path(__file__).resolve().parents[3]
 PROMPT = "The pool"
 # Every engine step takes at least 20 ms (a sitecustomize runs in the server and in its engine process), so a

@@ -7,6 +7,8 @@ import pytest
 
 from lora_serve.testing import free_port, serve_in_subprocess, start_server_process
 
+pytestmark = pytest.mark.slow  # starts server or engine processes: `make test`, not `make test-fast`
+
 
 def test_serve_in_subprocess_answers_then_leaves_nothing_running(tmp_path, lora, serve):
     base = lora.tiny_model("llama")
