@@ -11,6 +11,7 @@ import copy
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import pytest
 import torch
 import transformers
 
@@ -87,6 +88,7 @@ def test_concurrent_streams_of_expert_adapters_equal_peft(tmp_path, lora, serve)
         server.stop()
 
 
+@pytest.mark.slow  # a lora-serve process
 def test_lora_serve_command_streams_expert_adapters_equal_peft(tmp_path, lora, serve):
     base, tokenizer, expected = _setup(tmp_path, lora, serve)
     base.save_pretrained(tmp_path / "model")
