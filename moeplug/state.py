@@ -53,7 +53,7 @@ class MoEState:
         aux_loss / stats: the weighted auxiliary loss and `RouterStats` of the last forward.
         expert_lora: during a forward, PEFT LoRA factors of expert parameters by parameter name
             (`(lhs, rhs, scaling)`, delta = scaling * lhs @ rhs in the parameter's layout), set by
-            `moeplug.integrations.peft.GroupedExpertLoRA` around the experts' forward.
+            `moeplug.integrations.peft.grouped_activate_lora` around the experts' forward.
     """
 
     config: MoEConfig

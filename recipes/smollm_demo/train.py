@@ -2,9 +2,8 @@
 
 Both run on the moeplug-patched upcycled model (``balance="global"``: the load-balancing loss is taken over
 the optimizer step's whole batch, with a ``BalanceController`` on the optimizer) with ``moeplug.FP8AdamW``.
-What LoRA adapts is set by the two lists below: switching expert LoRA on is a change to
-``EXPERT_TARGET_PARAMETERS`` only (PEFT's ``target_parameters`` on the fused expert weights, which lora-serve
-serves and moeplug trains through its grouped path).
+What LoRA adapts is set by the two lists below: attention and the experts (PEFT's ``target_parameters`` on
+the fused expert weights, which moeplug trains as grouped low-rank products and lora-serve serves per expert).
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ import tasks
 # LoRA on attention of the top LORA_LAYERS layers: backward stops below the lowest adapted layer, so fewer
 # layers make a step much cheaper on a CPU, and the top layers are enough for a new answer format.
 ATTENTION_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-# To adapt the experts too (PEFT target_parameters on the fused expert weights):
-# EXPERT_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-EXPERT_TARGET_PARAMETERS: list[str] = []
+# The experts too (PEFT target_parameters on the fused expert weights; [] adapts attention only).
+EXPERT_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 LORA_LAYERS = 8
 
 
@@ -45,7 +43,7 @@ class TrainConfig:
 
 
 def lora_config(model, rank: int) -> LoraConfig:
-    """The adapters' LoRA: attention (and, once switched on, experts) of the top ``LORA_LAYERS`` layers."""
+    """The adapters' LoRA: attention and experts of the top ``LORA_LAYERS`` layers."""
     layers = list(range(model.config.num_hidden_layers - LORA_LAYERS, model.config.num_hidden_layers))
     expert_params = [f"layers.{i}.{name}" for i in layers for name in EXPERT_TARGET_PARAMETERS]
     return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=ATTENTION_TARGET_MODULES,

@@ -15,7 +15,7 @@ from peft.tuners.lora import layer as peft_lora_layer
 
 import moeplug
 from moeplug.hf import SUPPORTED_FAMILIES
-from moeplug.integrations.peft import GroupedExpertLoRA
+from moeplug.integrations.peft import is_grouped
 from moeplug.tiny import tiny_model
 
 EXPERT_PARAMS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -77,7 +77,7 @@ def test_expert_lora_matches_peft_without_folding(family, monkeypatch):
     out = ours(ids, labels=ids)
     out.loss.backward()
     assert folds.calls == 0, "the patched model folded W + BA per expert"
-    assert sum(isinstance(m, GroupedExpertLoRA) for m in ours.modules()) == 2 * len(moeplug.moe_modules(ours))
+    assert sum(is_grouped(m) for m in ours.modules()) == 2 * len(moeplug.moe_modules(ours))
     # fp32, same products regrouped: rounding at 1e-6 relative, amplified through a few layers.
     torch.testing.assert_close(out.logits, expected.logits, atol=1e-5, rtol=0)
     grads, expected_grads = _lora_grads(ours), _lora_grads(reference)
@@ -137,3 +137,19 @@ def test_peft_before_patch_is_adopted(monkeypatch):
     folds = _CountFolds(monkeypatch)
     torch.testing.assert_close(ours(ids).logits, expected, atol=1e-5, rtol=0)
     assert folds.calls == 0, "the wrappers PEFT made before patching still fold W + BA"
+
+
+def test_a_second_adapter_on_grouped_wrappers_matches_peft(monkeypatch):
+    reference, ours = _pair("qwen2_moe")
+    ids = _batch(5)
+    ours(ids)  # wrappers adopted
+    for model in (reference, ours):
+        torch.manual_seed(7)
+        model.add_adapter("second", _config("qwen2_moe"))
+    ours.load_state_dict(reference.state_dict())
+    for model in (reference, ours):
+        model.set_adapter("second")
+    expected = reference(ids).logits
+    folds = _CountFolds(monkeypatch)
+    torch.testing.assert_close(ours(ids).logits, expected, atol=1e-5, rtol=0)
+    assert folds.calls == 0
