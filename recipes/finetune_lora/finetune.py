@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
     p.add_argument("--targets", default=None,
                    help=f"comma-separated module names (default: those of {DEFAULT_TARGETS} the model has)")
+    p.add_argument("--expert-lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="on MoE bases, LoRA on the fused experts and the router weight too (PEFT target_parameters)")
     p.add_argument("--fp8", action=argparse.BooleanOptionalAction, default=True, help="moeplug.FP8AdamW (default) "
                    "or torch AdamW")
     p.add_argument("--fp8-min-numel", type=int, default=1024, help="smaller tensors keep fp32 moments")
@@ -78,8 +80,17 @@ def lora_model(model: torch.nn.Module, args: argparse.Namespace):
         raise SystemExit(f"--targets {targets}: {missing or 'none'} not linear layers of the model "
                          f"(it has {sorted(present)})")
     config = LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank, target_modules=targets,
+                        target_parameters=expert_parameters(model) if is_moe and args.expert_lora else None,
                         lora_dropout=0.0, task_type="CAUSAL_LM")
     return get_peft_model(model, config), report, is_moe
+
+
+def expert_parameters(model: torch.nn.Module) -> list[str]:
+    """PEFT `target_parameters` for LoRA on a patched MoE model's experts and routers (e.g. `mlp.experts.down_proj`,
+    `mlp.gate.weight`): moeplug trains them as grouped low-rank products, lora-serve serves them per expert."""
+    layer = moeplug.moe_modules(model)[0]
+    experts, router = (".".join(name.split(".")[-2:]) for name in (layer.experts_name, layer.name))
+    return [f"{experts}.gate_up_proj", f"{experts}.down_proj", f"{router}.weight"]
 
 
 def eval_loss(model, tokenizer, lines: list[str], max_length: int, batch: int = 64) -> float:
@@ -174,7 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     compressor = moeplug.compress_activations(peft_model) if args.compress_activations else None
     main_process = launcher.rank == 0
     if main_process:
-        print(f"{args.task}: {report}; LoRA r={args.rank} on {peft_model.peft_config['default'].target_modules}; "
+        config = peft_model.peft_config["default"]
+        print(f"{args.task}: {report}; LoRA r={args.rank} on {sorted(config.target_modules)} "
+              f"+ {sorted(config.target_parameters or [])}; "
               f"{sum(p.numel() for p in trainable)} trainable parameters; {launcher.name} on {launcher.world} "
               f"process(es); {'FP8AdamW' if args.fp8 else 'AdamW'}{', FP8 activations' if compressor else ''}")
     data = tasks.batches(train, args.batch, seed=args.seed + launcher.rank)
