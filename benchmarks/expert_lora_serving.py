@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from lora_serving import closed_batch, zipf_choice  # noqa: E402  (sibling script: the P2 harness)
+from lora_serving import closed_batch, save_adapter, zipf_choice  # noqa: E402  (sibling script: the P2 harness)
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lora_serve import Engine, EngineConfig
 
@@ -87,11 +87,7 @@ def write_adapters(base: torch.nn.Module, n: int, root: Path) -> list[str]:
             else:
                 shape = (shape[0], int(shape[1] * grow))
                 tensors[key] = torch.randn(shape, generator=generator) * 0.01
-        path = root / f"adapter{i}"
-        path.mkdir()
-        (path / "adapter_config.json").write_text(json.dumps({**config_json, "r": rank, "lora_alpha": 2 * rank}))
-        save_file(tensors, str(path / "adapter_model.safetensors"))
-        paths.append(str(path))
+        paths.append(save_adapter(root / f"adapter{i}", config_json, rank, tensors))
     return paths
 
 

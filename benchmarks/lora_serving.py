@@ -78,12 +78,16 @@ def write_adapters(base: torch.nn.Module, n: int, root: Path) -> list[str]:
             prefix = f"base_model.model.{module}"
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) / fan_in**0.5
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator) * 0.01
-        path = root / f"adapter{i}"
-        path.mkdir()
-        (path / "adapter_config.json").write_text(json.dumps({**config, "r": rank, "lora_alpha": 2 * rank}))
-        save_file(tensors, str(path / "adapter_model.safetensors"))
-        names.append(str(path))
+        names.append(save_adapter(root / f"adapter{i}", config, rank, tensors))
     return names
+
+
+def save_adapter(path: Path, config: dict, rank: int, tensors: dict[str, torch.Tensor]) -> str:
+    """Write one PEFT adapter directory: ``config`` (PEFT's own file) with this rank, alpha 2 * rank, and ``tensors``."""
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({**config, "r": rank, "lora_alpha": 2 * rank}))
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return str(path)
 
 
 def decode_roofline(base: torch.nn.Module, distinct: list[int]) -> float:

@@ -19,6 +19,7 @@ import pytest
 
 from lora_serve.cli import parse_args
 from lora_serve.server.adapters import find_adapters
+from tests.lora_serve.server.step_injection import FAILING_STEP, SLOW_STEP, inject
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -133,33 +134,6 @@ def test_a_bad_adapter_under_the_root_is_skipped_unless_strict(tmp_path, lora, c
         build_engine(parse_args([*argv, "--strict-adapters"]))
 
 
-# Makes every engine step fail, as a bug in a step would. A sitecustomize module runs in the server process
-# and in the engine process it spawns (the environment, PYTHONPATH included, is inherited).
-_FAILING_STEP = """
-import lora_serve.engine
-def step(self):
-    raise RuntimeError("injected step failure")
-lora_serve.engine.Engine.step = step
-"""
-# Makes every step take at least 20 ms, so that a request is surely still running when the test acts.
-_SLOW_STEP = """
-import time
-import lora_serve.engine
-_step = lora_serve.engine.Engine.step
-def step(self):
-    time.sleep(0.02)
-    return _step(self)
-lora_serve.engine.Engine.step = step
-"""
-
-
-def _inject(tmp_path: Path, code: str) -> str:
-    """A PYTHONPATH whose sitecustomize runs ``code`` at the start of every process that inherits it."""
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(code)
-    return f"{tmp_path / 'inject'}{os.pathsep}{REPO}"
-
-
 @pytest.mark.slow  # a lora-serve process
 @pytest.mark.parametrize("mode", [[], ["--engine-thread"]], ids=["engine-process", "engine-thread"])
 def test_the_process_exits_non_zero_with_a_traceback_when_the_step_loop_dies(tmp_path, lora, mode):
@@ -167,7 +141,7 @@ def test_the_process_exits_non_zero_with_a_traceback_when_the_step_loop_dies(tmp
     base.save_pretrained(tmp_path / "model")
     command = [sys.executable, "-m", "lora_serve", "--model", str(tmp_path / "model"), "--pool-slots", "4000",
                "--port", "0", "--served-model-name", "tiny", *mode]
-    process, lines, log, port = _launch(command, pythonpath=_inject(tmp_path, _FAILING_STEP))
+    process, lines, log, port = _launch(command, pythonpath=inject(tmp_path, FAILING_STEP))
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         with pytest.raises(openai.APIStatusError) as failed:
@@ -195,7 +169,7 @@ def test_a_killed_engine_process_gives_503s_and_the_server_exits(tmp_path, lora,
     serve.char_tokenizer().save_pretrained(tmp_path / "model")  # text, so that every token streams a chunk
     command = [sys.executable, "-m", "lora_serve", "--model", str(tmp_path / "model"), "--pool-slots", "4000",
                "--port", "0", "--served-model-name", "tiny", "--shutdown-timeout", "5"]
-    process, lines, log, port = _launch(command, pythonpath=_inject(tmp_path, _SLOW_STEP))
+    process, lines, log, port = _launch(command, pythonpath=inject(tmp_path, SLOW_STEP))
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
         stream = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=240, stream=True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -16,21 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lora_serve import Engine, EngineConfig, SamplingParams
 from lora_serve.testing import serve_in_subprocess
+from tests.lora_serve.server.step_injection import SLOW_STEP, inject
 
 pytestmark = pytest.mark.slow  # a lora-serve process with its engine process: `make test`, not `make test-fast`
-REPO = Path(__file__).resolve().parents[3]
 PROMPT = "The pool"
-# Every engine step takes at least 20 ms (a sitecustomize runs in the server and in its engine process), so a
-# long request is surely still running when a test acts on it.
-_SLOW_STEP = """
-import time
-import lora_serve.engine
-_step = lora_serve.engine.Engine.step
-def step(self):
-    time.sleep(0.02)
-    return _step(self)
-lora_serve.engine.Engine.step = step
-"""
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +31,7 @@ def setup(tmp_path_factory, lora, serve):
     lora.save_adapter(base, root / "adapters" / "ad0", 4, ["q_proj", "v_proj"], seed=0)  # served from the start
     args = ["--model", str(root / "model"), "--pool-slots", "8000", "--served-model-name", "base",
             "--adapter-root", str(root / "adapters"), "--unload-timeout", "0", "--log-level", "warning"]
-    (root / "inject").mkdir()
-    (root / "inject" / "sitecustomize.py").write_text(_SLOW_STEP)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root / "inject"), str(REPO)])}
+    env = {**os.environ, "PYTHONPATH": inject(root, SLOW_STEP)}
     with serve_in_subprocess(args, timeout=180, env=env) as server:
         yield base, root, tokenizer, server
 
