@@ -37,7 +37,9 @@ def count_traffic(assignments: bool = False) -> Iterator[list[tuple]]:
     With `assignments=True` each entry is (ep_rank, rows, assignments): the latter counts the
     (token, choice) pairs sent to each EP rank, i.e. the expert work each rank does for this one.
 
-    The list yielded fills in as layers run; the combine sends the same number of rows back. A row
+    The list yielded fills in as layers run; the combine sends the same number of rows back. Hierarchical
+    dispatch (`ExpertParallel.hierarchical`) adds one entry per hop: first the rows to each host's peer
+    rank (assignments all zero), then the rows that peer spreads inside its host. A row
     is one token for one destination rank (one per (token, choice) with `ExpertParallel.dedup`
     False); it carries H hidden values plus k gate weights and k local slot ids. Rows sent to the
     own rank (index ep_rank) never leave the process.
@@ -79,42 +81,92 @@ def expert_parallel_forward(
             (>= E marks a dropped slot) and gate weights.
         local_experts: maps received rows [R, H] and their local expert ids [R] to outputs [R, H]
             (no gating); e.g. `routed_experts_forward` with top_k = 1 on this rank's weights.
-        ep: the layout from `expert_parallel`.
+        ep: the layout from `expert_parallel`; `ep.hierarchical` picks the two-hop exchange.
     Returns:
         [T, H], equal to running all experts locally.
     """
     tokens, top_k = top_k_index.shape
+    token_of = torch.arange(tokens * top_k, device=top_k_index.device) // top_k
+    slot = ep.slot_of(top_k_index.reshape(-1), token_of).view(tokens, top_k)
+    if ep.hierarchical:
+        return _hierarchical(hidden, slot, top_k_weights, local_experts, ep)
+    return _flat(hidden, slot, top_k_weights, local_experts, ep)
+
+
+def _messages(dest: torch.Tensor, tokens: int, top_k: int, per_choice: bool) -> tuple:
+    """Group assignments [T*k] by destination (>= ranks: dropped) into messages, destination-major.
+
+    A message is one row for one destination and one token (or one (token, choice) when
+    `per_choice`). Returns (kept assignment ids, message token, message destination, column): the
+    column of each kept assignment in the [messages * k] per-choice payload.
+    """
+    assignment = torch.arange(tokens * top_k, device=dest.device)
+    unit = assignment if per_choice else assignment // top_k
+    units = tokens * top_k if per_choice else tokens
+    kept = dest < _NO_DEST
+    assignment = assignment[kept]
+    keys, message = torch.unique(dest[kept] * units + unit[kept], return_inverse=True)
+    token = keys % units // top_k if per_choice else keys % units
+    return assignment, token, keys // units, message * top_k + assignment % top_k
+
+
+_NO_DEST = 1 << 40  # destination of a dropped assignment: past any rank or host
+
+
+def _payload(values: torch.Tensor, assignment, column, messages: int, top_k: int, fill) -> torch.Tensor:
+    """[messages, k] per-choice values of the messages (`fill` where a choice is not in a message)."""
+    return values.new_full((messages * top_k,), fill).index_copy(0, column, values[assignment]).view(-1, top_k)
+
+
+def _flat(hidden, slot, weights, local_experts, ep: ExpertParallel) -> torch.Tensor:
+    """One exchange: a row per (token, destination rank) to the rank itself, gated outputs back."""
+    tokens, top_k = slot.shape
     per_rank, ranks = ep.experts_per_rank, ep.ep_size
-    assignment = torch.arange(tokens * top_k, device=top_k_index.device)
-    slot = ep.slot_of(top_k_index.reshape(-1), assignment // top_k)
-    kept = slot < ranks * per_rank  # dropped assignments travel nowhere
-    slot, assignment = slot[kept], assignment[kept]
-    # A message = the rows one rank sends to one destination for one token (dedup) or one choice.
-    # Sorted keys (destination-major) group messages by destination rank, as all_to_all wants.
-    unit = assignment // top_k if ep.dedup else assignment
-    units = tokens if ep.dedup else tokens * top_k
-    keys, message = torch.unique(slot // per_rank * units + unit, return_inverse=True)
-    token = keys % units if ep.dedup else keys % units // top_k
-    send_counts = torch.bincount(keys // units, minlength=ranks)
+    flat_slot = slot.reshape(-1)
+    dest = torch.where(flat_slot < ranks * per_rank, flat_slot // per_rank, _NO_DEST)
+    assignment, token, dest, column = _messages(dest, tokens, top_k, per_choice=not ep.dedup)
+    send_counts = torch.bincount(dest, minlength=ranks)
     if _traffic is not None:
-        work = (torch.bincount(slot // per_rank, minlength=ranks).cpu(),) if _count_assignments else ()
+        work = (torch.bincount(dest[column // top_k], minlength=ranks).cpu(),) if _count_assignments else ()
         _traffic.append((ep.ep_rank, send_counts.cpu(), *work))
     send, recv = send_counts.tolist(), _exchange_counts(send_counts, ep).tolist()
     # Each message carries, per choice column, the local slot (per_rank = none) and the gate weight.
-    column = message * top_k + assignment % top_k
-    local_ids = slot.new_full((len(keys) * top_k,), per_rank).index_copy(0, column, slot % per_rank)
-    gates = top_k_weights.reshape(-1)[assignment].to(hidden.dtype)
-    gates = gates.new_zeros(len(keys) * top_k).index_copy(0, column, gates).view(-1, top_k)
+    local_ids = _payload(flat_slot % per_rank, assignment, column, len(token), top_k, per_rank)
+    gates = _payload(weights.reshape(-1).to(hidden.dtype), assignment, column, len(token), top_k, 0.0)
     received = _all_to_all(torch.cat([hidden.index_select(0, token), gates], 1), recv, send, ep)
-    received_ids = _all_to_all(local_ids.view(-1, top_k), recv, send, ep)
+    received_ids = _all_to_all(local_ids, recv, send, ep)
     rows, received_gates = received.split([hidden.shape[1], top_k], 1)
     row, choice = (received_ids < per_rank).nonzero(as_tuple=True)
     results = local_experts(rows.index_select(0, row), received_ids[row, choice])
     gated = results * received_gates[row, choice].unsqueeze(-1).to(results.dtype)
     combined = gated.new_zeros(rows.shape[0], gated.shape[-1]).index_add(0, row, gated)
     returned = _all_to_all(combined, send, recv, ep)
-    out = returned.new_zeros(tokens, returned.shape[-1]).index_add(0, token, returned)
-    return out.to(hidden.dtype)
+    return returned.new_zeros(tokens, returned.shape[-1]).index_add(0, token, returned).to(hidden.dtype)
+
+
+def _hierarchical(hidden, slot, weights, local_experts, ep: ExpertParallel) -> torch.Tensor:
+    """Two hops: one row per (token, destination host) to this rank's peer there (the rank with the
+    same local index), which runs `_flat` on the rows it received, restricted to its own host; the
+    per-host sums come back the same way. A token's choices on one host cross the link once."""
+    tokens, top_k = slot.shape
+    per_node, dropped = ep.ranks_per_node * ep.experts_per_rank, ep.ep_size * ep.experts_per_rank
+    flat_slot = slot.reshape(-1)
+    node = torch.where(flat_slot < dropped, flat_slot // per_node, _NO_DEST)
+    assignment, token, node, column = _messages(node, tokens, top_k, per_choice=False)
+    peer = node * ep.ranks_per_node + ep.ep_rank % ep.ranks_per_node
+    send_counts = torch.bincount(peer, minlength=ep.ep_size)
+    if _traffic is not None:  # the first hop does no expert work
+        work = (torch.zeros_like(send_counts).cpu(),) if _count_assignments else ()
+        _traffic.append((ep.ep_rank, send_counts.cpu(), *work))
+    send, recv = send_counts.tolist(), _exchange_counts(send_counts, ep).tolist()
+    slots_out = _payload(flat_slot, assignment, column, len(token), top_k, dropped)
+    gates = _payload(weights.reshape(-1).to(hidden.dtype), assignment, column, len(token), top_k, 0.0)
+    received = _all_to_all(torch.cat([hidden.index_select(0, token), gates], 1), recv, send, ep)
+    received_slots = _all_to_all(slots_out, recv, send, ep)
+    rows, received_gates = received.split([hidden.shape[1], top_k], 1)
+    spread = _flat(rows, received_slots, received_gates, local_experts, ep)  # stays inside this host
+    returned = _all_to_all(spread, send, recv, ep)
+    return returned.new_zeros(tokens, returned.shape[-1]).index_add(0, token, returned).to(hidden.dtype)
 
 
 def expert_parallel_parameters(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Parameter, ExpertParallel]]:

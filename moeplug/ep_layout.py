@@ -9,11 +9,17 @@ the expert's tokens evenly over its copies without any communication.
 Ranks are laid out EP-major: world rank w is EP rank w % P of EP group w // P. Ranks with the same
 EP rank in different groups hold the same experts and form an expert-data-parallel group.
 How tokens travel between the ranks of a layout is `moeplug.dispatch`.
+
+Across hosts, `ranks_per_node` (L) says how many consecutive world ranks share a host (torchrun gives
+each node a block of LOCAL_WORLD_SIZE consecutive ranks). When an EP group spans whole hosts
+(P > L, L divides P) the dispatch is hierarchical by default: one row per (token, destination host)
+crosses to the same local rank on that host, which spreads it inside the host (`moeplug.dispatch`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -32,9 +38,21 @@ class ExpertParallel:
     slots: torch.Tensor | None = None
     # One row per (token, destination rank) when True; one per (token, choice) when False.
     dedup: bool = True
+    ranks_per_node: int | None = None  # consecutive ranks per host; None: every rank on one host
+    # Two-hop exchange across hosts (see the module docstring); None: on when the EP group spans hosts.
+    hierarchical: bool | None = None
     _copies: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        spans = self.ranks_per_node is not None and self.ep_size > self.ranks_per_node
+        if self.ranks_per_node is not None and (self.ranks_per_node < 1 or (spans and self.ep_size % self.ranks_per_node)):
+            raise ValueError(f"ranks_per_node={self.ranks_per_node} must be a positive integer dividing "
+                             f"ep_size={self.ep_size} (an EP group spans whole hosts) or at least ep_size")
+        if self.hierarchical is None:
+            self.hierarchical = spans
+        elif self.hierarchical and not spans:
+            raise ValueError(f"hierarchical dispatch needs an EP group spanning hosts: ep_size={self.ep_size}, "
+                             f"ranks_per_node={self.ranks_per_node} (expected ep_size > ranks_per_node)")
         if self.slots is None:
             return
         self.slots = torch.as_tensor(self.slots, dtype=torch.long)
@@ -78,11 +96,37 @@ class ExpertParallel:
         slot = table[expert, (token_index + self.ep_rank) % copies[expert]]
         return torch.where(kept, slot, self.slots.numel())
 
-    def with_slots(self, slots: torch.Tensor | None) -> ExpertParallel:
-        """The same ranks and groups with another slot table (None: contiguous)."""
-        return ExpertParallel(self.ep_size, self.ep_rank, self.num_experts, self.group, self.expert_dp_group, slots,
-                              self.dedup)
+    @property
+    def num_nodes(self) -> int:
+        """Hosts this EP group spans (1 when `ranks_per_node` is None or covers the group)."""
+        return max(1, self.ep_size // (self.ranks_per_node or self.ep_size))
 
+    def with_slots(self, slots: torch.Tensor | None) -> ExpertParallel:
+        """The same ranks, groups and dispatch with another slot table (None: contiguous)."""
+        return replace(self, slots=slots)
+
+
+def node_layout() -> int | None:
+    """Ranks per host of this job, or None when it runs on one host.
+
+    MOEPLUG_RANKS_PER_NODE overrides (e.g. to try hierarchical dispatch on one machine); otherwise
+    torchrun's LOCAL_WORLD_SIZE when WORLD_SIZE is larger and this rank sits where torchrun puts it
+    (GROUP_RANK * LOCAL_WORLD_SIZE + LOCAL_RANK); launchers that number ranks otherwise get None.
+    """
+    override = os.environ.get("MOEPLUG_RANKS_PER_NODE")
+    if override:
+        if not override.isdigit() or int(override) < 1:
+            raise ValueError(f"MOEPLUG_RANKS_PER_NODE={override!r} must be a positive integer")
+        return int(override)
+    try:
+        world, local, node, local_rank, rank = (int(os.environ[k]) for k in (
+            "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK", "RANK"))
+    except (KeyError, ValueError):
+        return None
+    return local if world > local and rank == node * local + local_rank else None
+
+
+DISPATCH_MODES = {"auto": None, "flat": False, "hierarchical": True}
 
 # This rank's (EP group, expert-data-parallel group) per (world size, ep_size), created once.
 _groups: dict[tuple[int, int], tuple] = {}
@@ -149,4 +193,16 @@ def expert_parallel(ep_size: int, num_experts: int) -> ExpertParallel:
         dp_groups = [dist.new_group(list(range(r, world, ep_size))) for r in range(ep_size)] if world > ep_size else None
         _groups[key] = (ep_groups[rank // ep_size], None if dp_groups is None else dp_groups[rank % ep_size])
     ep_group, dp_group = _groups[key]
-    return ExpertParallel(ep_size, rank % ep_size, num_experts, ep_group, dp_group)
+    per_node = node_layout()
+    if per_node is not None and ep_size > per_node and ep_size % per_node:
+        per_node = None  # the EP group cuts through a host: the flat exchange (always correct) it is
+    return ExpertParallel(ep_size, rank % ep_size, num_experts, ep_group, dp_group, ranks_per_node=per_node,
+                          hierarchical=_dispatch_choice())
+
+
+def _dispatch_choice() -> bool | None:
+    """MOEPLUG_DISPATCH: "flat", "hierarchical" or "auto" (unset: auto = hierarchical across hosts)."""
+    choice = os.environ.get("MOEPLUG_DISPATCH", "auto")
+    if choice not in DISPATCH_MODES:
+        raise ValueError(f"MOEPLUG_DISPATCH={choice!r}; expected one of {list(DISPATCH_MODES)}")
+    return DISPATCH_MODES[choice]

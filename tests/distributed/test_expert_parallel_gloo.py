@@ -41,6 +41,8 @@ def _layer_case(world: int, ep_size: int, options: dict) -> dict:
     rank = dist.get_rank()
     starve = options.pop("starve_last_rank", False)
     per_choice = options.pop("per_choice_rows", False)
+    if "ranks_per_node" in options:  # simulated hosts: hierarchical dispatch by default
+        os.environ["MOEPLUG_RANKS_PER_NODE"] = str(options.pop("ranks_per_node"))
     layer = _layer(ep_size, **options)
     layer.moeplug.ep.dedup = not per_choice
     if starve:
@@ -54,7 +56,8 @@ def _layer_case(world: int, ep_size: int, options: dict) -> dict:
     grads = _grads(layer)
     dist.all_reduce(grads["router.weight"])  # replicated parameters: sum over ranks
     local = layer.moeplug.ep.local_experts
-    return {"out": out.detach(), "dx": x.grad, "grads": grads, "local_experts": (local.start, local.stop)}
+    return {"out": out.detach(), "dx": x.grad, "grads": grads, "local_experts": (local.start, local.stop),
+            "hierarchical": layer.moeplug.ep.hierarchical}
 
 
 def _worker(rank: int, port: int, world: int, case: str, ep_size: int, options: dict, path: str) -> None:
@@ -102,10 +105,14 @@ def _run(spawn, world: int, case: str, ep_size: int, options: dict, tmp_path) ->
     (4, 2, {"capacity_factor": 0.75}),
     (2, 2, {"starve_last_rank": True}),
     (4, 4, {"per_choice_rows": True}),  # the non-deduplicating baseline dispatch
+    (4, 4, {"ranks_per_node": 2}),  # hierarchical: 2 hosts x 2 ranks
+    (4, 2, {"ranks_per_node": 1, "capacity_factor": 0.75}),  # hierarchical: 2 EP groups of 2 hosts x 1 rank
 ])
 def test_moe_layer_expert_parallel_matches_ep1(tmp_path, spawn, world, ep_size, options):
     results = _run(spawn, world, "layer", ep_size, options, tmp_path)
-    reference = _layer(1, **{k: v for k, v in options.items() if k not in ("starve_last_rank", "per_choice_rows")})
+    assert [r["hierarchical"] for r in results] == [options.get("ranks_per_node", ep_size) < ep_size] * world
+    test_only = ("starve_last_rank", "per_choice_rows", "ranks_per_node")
+    reference = _layer(1, **{k: v for k, v in options.items() if k not in test_only})
     if options.get("starve_last_rank"):
         with torch.no_grad():
             reference.selection_bias[EXPERTS - EXPERTS // ep_size:] = -1e4
