@@ -4,6 +4,10 @@ Registration validates an adapter's files against the base model and keeps its w
 (``AdapterStore``); the first adapter to target a linear makes the runner wrap it. Residency
 (``AdapterResidency``) copies adapters into the pool's slots on demand and evicts idle ones. The engine
 calls these under its lock; only ``load`` (file IO and validation) runs outside it.
+
+A compressed collection (``collection.py``) registers each of its adapters by name; its groups' shared
+bases go into the pool at once and stay there while any adapter of the group is registered, its adapters'
+cores are paged like any adapter (``shared_lora.py``).
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adapter_store import Adapter, AdapterError, AdapterStore
+from .collection import CompressedCollection
 from .config import EngineConfig
 from .model_runner import ModelRunner
+from .pool import SlotOwner
 from .residency import AdapterResidency
+from .shared_lora import CoreWeights
 
 
 @dataclass(frozen=True)
@@ -37,8 +44,10 @@ class AdapterManager:
         host_mb = config.adapter_host_mb
         host_bytes = None if host_mb is None else int(host_mb * 2**20)
         self.store = AdapterStore(runner.linear_shapes(), runner.model.dtype, host_bytes, runner.parameter_shapes())
-        self.residency = AdapterResidency(runner.pool, runner.lora_layers, config.max_resident_adapters)
+        self.residency = AdapterResidency(runner.pool, runner.lora_layers, config.max_resident_adapters,
+                                          runner.shared_layers)
         self._runner = runner
+        self._groups: dict[int, tuple[dict, set[str]]] = {}  # group key -> (module -> basis slots, adapters)
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
@@ -66,9 +75,75 @@ class AdapterManager:
         return self.info(adapter.name)
 
     def unregister(self, name: str) -> None:
-        """Free adapter ``name``'s pool slots and forget it (no request may use it any more)."""
+        """Free adapter ``name``'s pool slots and forget it (no request may use it any more); the last adapter
+        of a compressed group frees the group's bases too."""
         self.residency.evict(name)
-        self.store.remove(name)
+        adapter = self.store.remove(name)
+        first = next(iter(adapter.modules.values()))
+        if isinstance(first, CoreWeights):
+            bases, names = self._groups[first.group]
+            names.discard(name)
+            if not names:
+                self._free_group(first.group)
+
+    def _free_group(self, key: int) -> None:
+        """Release compressed group ``key``'s bases (it has no registered adapter)."""
+        bases, _ = self._groups.pop(key)
+        for module, slots in bases.items():
+            self._runner.shared_layers[module].clear_group(key)
+            self._runner.pool.release(slots, SlotOwner.ADAPTER)
+
+    def register_collection(self, collection: CompressedCollection, path: str, free_slots: int) -> list[AdapterInfo]:
+        """Register every adapter of a compressed ``collection`` (read from ``path``) by its name, putting its
+        groups' bases into the pool (at most ``free_slots`` slots); ``AdapterError`` if it does not fit the
+        base model, a name is taken or there is no room. A failure leaves nothing registered."""
+        label = f"adapter collection {Path(path).name!r}"
+        linears = self._runner.linear_shapes()
+        for module, shape in collection.modules.items():
+            if linears.get(module) != shape:
+                found = "no such linear" if module not in linears else f"{linears[module]}"
+                raise AdapterError(f"{label} adapts {module} as {shape}, but the base model has {found}: it was "
+                                   "compressed from adapters of another base")
+        taken = [n for n in collection.names() if n in self.store]
+        if taken:
+            raise AdapterError(f"{label}: adapter name {taken[0]!r} is already registered")
+        keys = [k for k in range(self.residency.capacity) if k not in self._groups][: len(collection.groups)]
+        if len(keys) < len(collection.groups):
+            raise AdapterError(f"{label} has {len(collection.groups)} groups; {len(keys)} more fit "
+                               f"(max_resident_adapters={self.residency.capacity} groups in all)")
+        needed = sum(self._runner.adapt_shared(m).bases.slots_needed(u.shape[1])
+                     for group in collection.groups for m, (u, _) in group.bases.items())
+        if needed > free_slots:
+            raise AdapterError(f"{label}: its shared bases need {needed} pool slots, {free_slots} are free")
+        added = []
+        try:
+            for key, group in zip(keys, collection.groups):
+                self._groups[key] = (self._load_bases(key, group.bases), set())
+                for j, name in enumerate(group.names):
+                    modules = {m: CoreWeights(cores[j].to(self._runner.model.dtype).contiguous(), key)
+                               for m, cores in group.cores.items()}
+                    self.store.add(Adapter(name, f"{path}#{name}", modules, digest=f"{path}#{key}#{name}"))
+                    self._groups[key][1].add(name)
+                    added.append(name)
+        except AdapterError:
+            for name in added:
+                self.unregister(name)
+            for key in keys:
+                if key in self._groups:  # bases loaded, no adapter added
+                    self._free_group(key)
+            raise
+        return [self.info(name) for name in added]
+
+    def _load_bases(self, key: int, bases: dict) -> dict:
+        """Copy one group's bases into the pool as group ``key`` of every linear's tables; their slots."""
+        pool, slots_of = self._runner.pool, {}
+        for module, (u, v) in bases.items():
+            tables = self._runner.shared_layers[module]
+            slots = pool.allocate_run(tables.bases.slots_needed(u.shape[1]), SlotOwner.ADAPTER)
+            pool.slots[slots.to(pool.slots.device)] = tables.basis_rows(u, v).to(pool.slots)
+            tables.set_group(key, slots, u.shape[1])
+            slots_of[module] = slots
+        return slots_of
 
     def pin(self, name: str, pinned: bool, free_slots: int) -> None:
         """Load adapter ``name`` into the pool now and keep it there (``pinned=False``: evictable again)."""

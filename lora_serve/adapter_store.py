@@ -65,6 +65,11 @@ class LoRAWeights:
         """The LoRA rank of this module."""
         return self.a.shape[-2]
 
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of A and B."""
+        return self.a.nbytes + self.b.nbytes
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -315,4 +320,4 @@ class AdapterStore:
 
 
 def _nbytes(modules: dict[str, LoRAWeights]) -> int:
-    return sum(w.a.nbytes + w.b.nbytes for w in modules.values())
+    return sum(w.nbytes for w in modules.values())

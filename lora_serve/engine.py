@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .adapter_manager import AdapterInfo, AdapterManager
+from .collection import CompressedCollection
 from .config import EngineConfig
 from .detokenizer import Detokenizer
 from .model_loading import load_base_model
@@ -127,6 +128,19 @@ class Engine:
         adapter = self.adapters.load(name, path)  # file IO and validation outside the lock
         with self._lock:
             return self.adapters.register(adapter)
+
+    def add_adapter_collection(self, path: str | Path) -> list[AdapterInfo]:
+        """Register every adapter of the compressed collection in directory ``path`` (``python -m
+        lora_serve.compress``) under its own name, served from its group's shared bases.
+
+        Raises ``AdapterError`` for a bad collection, one compressed for another base, a taken name or no
+        room in the pool for the bases; nothing is registered then.
+        """
+        collection = CompressedCollection.load(path)  # file IO outside the lock
+        with self._lock:
+            return self.adapters.register_collection(
+                collection, str(path), self.runner.pool.num_free - self.scheduler.reserved
+            )
 
     def remove_adapter(self, name: str, abort_requests: bool = False) -> None:
         """Unregister adapter ``name`` and free its pool slots.

@@ -5,7 +5,8 @@ page tables of the resident adapters that adapt it). Its forward reads the runni
 (``StepBatch.lora``, built once per step by the engine) from the engine's ``ActiveStep`` and hands them to
 ``kernels.add_lora``, which picks the backend: Triton on GPU (one shrink and one expand launch for the
 whole batch), the per-segment torch implementation on CPU. An adapter that does not touch this layer keeps
-rank 0 here and adds nothing.
+rank 0 here and adds nothing. Compressed adapters (shared bases + per-adapter cores, ``shared_lora.py``)
+live in the wrapper's ``shared`` tables, set up when the first of them targets the layer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 
 from kernels.lora import PagedLoRA, add_lora
 
+from .shared_lora import SharedLoRA
 from .step_batch import ActiveStep
 
 
@@ -25,13 +27,18 @@ class BatchedLoRALinear(nn.Module):
         self.base = base
         self.active = active
         self.lora = lora
+        self.shared: SharedLoRA | None = None  # compressed adapters' tables, once one targets this layer
 
     def forward(self, x):
         y = self.base(x)
         step = self.active.batch
-        if step is None or step.lora is None or self.lora.num_set == 0:
+        if step is None or step.lora is None:
             return y
-        add_lora(y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]), self.lora, step.lora)
+        rows_out, rows_in = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
+        if self.lora.num_set:
+            add_lora(rows_out, rows_in, self.lora, step.lora)
+        if self.shared is not None and self.shared.num_set:
+            self.shared.apply(rows_out, rows_in, step.lora)
         return y
 
 

@@ -24,6 +24,7 @@ from .lora_layers import wrap_linear
 from .paged_attention import ATTENTION_NAME, BATCH_KWARG
 from .pool import PagePool
 from .request import Request
+from .shared_lora import SharedLoRA
 from .step_batch import ActiveStep, StepBatch
 
 
@@ -44,6 +45,7 @@ class ModelRunner:
         self.num_adapters = config.max_resident_adapters  # rows of every adapted layer's page tables
         # module (or fused experts parameter) name -> its tables, as adapters target it
         self.lora_layers: dict[str, PagedLoRA | PagedExpertLoRA] = {}
+        self.shared_layers: dict[str, SharedLoRA] = {}  # linear name -> its compressed adapters' tables
         self._active = ActiveStep()
         self._experts = moe_lora.install(self.model, self._active)  # experts module name -> module
         self._routers = {name: m for name, m in self.model.named_modules() if router_lora.is_router(m)}
@@ -77,6 +79,16 @@ class ModelRunner:
                 wrapper = wrap_linear(self.model, name, self._active, pool, capacity)
                 self.lora_layers[name] = wrapper.lora
         return self.lora_layers[name]
+
+    def adapt_shared(self, name: str) -> SharedLoRA:
+        """The compressed-adapter tables of linear ``name`` (wrapping it on first use)."""
+        if name not in self.shared_layers:
+            self.adapt(name)
+            wrapper = self.model.get_submodule(name)
+            wrapper.shared = SharedLoRA(self.pool.slots, wrapper.lora.in_features, wrapper.lora.out_features,
+                                        self.num_adapters, self.num_adapters)
+            self.shared_layers[name] = wrapper.shared
+        return self.shared_layers[name]
 
     def execute(
         self, scheduled: list[tuple[Request, int]], adapter_index: Callable[[str], int]

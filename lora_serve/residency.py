@@ -5,6 +5,8 @@ An adapter is *resident* when its A/B rank-rows are in pool slots and a table in
 ``kernels.lora.PagedExpertLoRA`` for a fused experts parameter: same protocol, one entry per expert) at them. Residents used
 by running requests (``users > 0``) and pinned ones are never evicted; idle residents stay cached (a later
 request for them costs nothing) until their slots or index are needed, then the least recently used goes first.
+A compressed adapter (modules of ``CoreWeights``) is paged the same way; its cores go to the layers'
+``SharedLoRA`` tables (``shared``) instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from kernels.lora import PagedExpertLoRA, PagedLoRA
 
 from .adapter_store import Adapter
 from .pool import PagePool, SlotOwner
+from .shared_lora import CoreWeights, SharedLoRA
 
 
 @dataclass
@@ -38,9 +41,11 @@ class Resident:
 class AdapterResidency:
     """Moves adapters between the host store and the pool for the wrappers in ``layers``."""
 
-    def __init__(self, pool: PagePool, layers: dict[str, PagedLoRA | PagedExpertLoRA], capacity: int):
+    def __init__(self, pool: PagePool, layers: dict[str, PagedLoRA | PagedExpertLoRA], capacity: int,
+                 shared: dict[str, SharedLoRA] | None = None):
         self.pool = pool
         self.layers = layers  # shared with the model runner, which adds tables as adapters target new layers
+        self.shared = {} if shared is None else shared  # the same, for compressed adapters
         self.capacity = capacity
         self._resident: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
         self.loads = 0
@@ -48,7 +53,11 @@ class AdapterResidency:
 
     def slots_needed(self, adapter: Adapter) -> int:
         """Pool slots ``adapter`` occupies when resident."""
-        return sum(self.layers[m].slots_needed(w.rank) for m, w in adapter.modules.items())
+        return sum(self._tables(m, w).slots_needed(w.rank) for m, w in adapter.modules.items())
+
+    def _tables(self, module: str, weights) -> PagedLoRA | PagedExpertLoRA | SharedLoRA:
+        """Where ``weights`` of ``module`` go: a compressed adapter's core to the layer's shared-basis tables."""
+        return self.shared[module] if isinstance(weights, CoreWeights) else self.layers[module]
 
     def resident_names(self) -> list[str]:
         """Resident adapters, least recently used first."""
@@ -104,7 +113,7 @@ class AdapterResidency:
         if resident.users:
             raise RuntimeError(f"adapter {name!r} is used by {resident.users} running request(s)")
         del self._resident[name]
-        for layer in self.layers.values():
+        for layer in [*self.layers.values(), *self.shared.values()]:
             if layer.is_set(resident.index):
                 layer.clear_adapter(resident.index)
         self.pool.release(resident.slots, SlotOwner.ADAPTER)
@@ -122,13 +131,15 @@ class AdapterResidency:
         used = {r.index for r in self._resident.values()}
         index = next(i for i in range(self.capacity) if i not in used)
         slots = self.pool.allocate_run(needed, SlotOwner.ADAPTER)  # one run: the CPU path uses pool views
-        layers = [(self.layers[m], w) for m, w in adapter.modules.items()]
-        rows = torch.cat([layer.pack(w.a, w.b) for layer, w in layers])
+        layers = [(self._tables(m, w), w) for m, w in adapter.modules.items()]
+        compressed = [isinstance(w, CoreWeights) for _, w in layers]
+        rows = torch.cat([layer.pack(w) if core else layer.pack(w.a, w.b) for (layer, w), core in zip(layers, compressed)])
         self.pool.slots[slots.to(self.pool.slots.device)] = rows.to(self.pool.slots)
         start = 0
-        for layer, w in layers:
+        for (layer, w), core in zip(layers, compressed):
             count = layer.slots_needed(w.rank)
-            layer.set_adapter(index, slots[start : start + count], w.rank, w.scale)
+            span = slots[start : start + count]
+            layer.set_adapter(index, span, w) if core else layer.set_adapter(index, span, w.rank, w.scale)
             start += count
         resident = Resident(index=index, slots=slots)
         self._resident[adapter.name] = resident
