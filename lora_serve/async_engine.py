@@ -62,6 +62,11 @@ class AsyncEngine(OutputStreams):
         await asyncio.to_thread(self.engine.remove_adapter, name, abort_requests)
         self._wake.set()
 
+    def wake_background(self) -> None:
+        """``Engine.wake_background``, and wake the step loop so it scans at once."""
+        self.engine.wake_background()
+        self._wake.set()
+
     # What a server needs from the engine, without reaching through ``.engine``.
     @property
     def tokenizer(self):
@@ -98,7 +103,7 @@ class AsyncEngine(OutputStreams):
 
     def _loop(self) -> None:
         while not self._closed:
-            if not self.engine.has_unfinished():
+            if not (self.engine.has_unfinished() or self.engine.has_background_work()):
                 self._wake.wait()
                 self._wake.clear()
                 continue

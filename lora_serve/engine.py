@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,18 @@ from .scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AdapterInUseError", "AdapterInfo", "Engine", "EngineStats"]
+__all__ = ["AdapterInUseError", "AdapterInfo", "Engine", "EngineStats", "StepReport"]
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """A step's inference work, for background work that runs after it (``Engine.attach_background``)."""
+
+    inference_tokens: int  # tokens the step's forward processed
+    inference_seconds: float  # time the forward, sampling and detokenizing took
+    running: int  # requests running after the step
+    waiting: int  # requests that could not be admitted
+    max_batch_tokens: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,7 @@ class Engine:
         self._pending: list[RequestOutput] = []  # outputs of requests ended outside a step (aborts)
         self._live: dict[str, Request] = {}
         self._ids = itertools.count()
+        self.background = None  # e.g. a fine_tuning.FineTuner: run after each step's inference work
 
     # ------------------------------------------------------------------ what a server needs
     @property
@@ -274,15 +287,39 @@ class Engine:
             self.step()
         return [r.completion() for r in requests]
 
+    # ------------------------------------------------------------------ background work
+    def attach_background(self, worker) -> None:
+        """Run ``worker.after_step(StepReport)`` at the end of every step, under the engine's lock (so it may
+        use the model between forwards); ``worker.has_work()`` makes step loops step without requests, and
+        ``wake_background`` calls ``worker.wake()``."""
+        self.background = worker
+
+    def has_background_work(self) -> bool:
+        """Whether the attached background worker wants steps even when no request is unfinished."""
+        return self.background is not None and self.background.has_work()
+
+    def wake_background(self) -> None:
+        """Tell the background worker there is news (e.g. a new fine-tuning job); no-op without one."""
+        if self.background is not None:
+            self.background.wake()
+
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
-        """Run one iteration: admit, run the model once on the mixed batch, sample, retire finished requests."""
+        """Run one iteration: admit, run the model once on the mixed batch, sample, retire finished requests;
+        then the background worker's turn, if one is attached."""
         with self._lock:
             self._drain_inbox()
             outputs, self._pending = self._pending, []
             batch = self.scheduler.schedule()
+            start = time.perf_counter()
             if batch:
                 outputs += self._run(batch)
+            if self.background is not None:
+                waiting = sum(len(q) for q in self.scheduler.waiting.values())
+                self.background.after_step(StepReport(
+                    sum(count for _, count in batch), time.perf_counter() - start, len(self.scheduler.running),
+                    waiting, self.config.max_batch_tokens,
+                ))  # fmt: skip
             return outputs
 
     def _drain_inbox(self) -> None:

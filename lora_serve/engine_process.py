@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EngineProcess"]
 
-_CALLS = frozenset({"add_adapter", "remove_adapter", "list_adapters", "stats"})  # what ``call`` may run
+_CALLS = frozenset({"add_adapter", "remove_adapter", "list_adapters", "stats", "wake_background"})  # what ``call`` may run
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ def _engine_main(factory: Callable[[], Engine], commands, outputs) -> None:
         return
     while True:
         try:
-            if not engine.has_unfinished() or commands.poll():
+            # Background work (a fine-tuning job) keeps the loop stepping, between commands, like requests.
+            if not (engine.has_unfinished() or engine.has_background_work()) or commands.poll():
                 if not _handle(engine, commands.recv(), outputs):  # blocks only when there is no work
                     return
                 continue  # every queued command before the next step
@@ -181,6 +182,10 @@ class EngineProcess(OutputStreams):
         """``Engine.remove_adapter`` in the engine process."""
         await asyncio.wrap_future(self._call("remove_adapter", name, abort_requests))
         self._adapters.discard(name)
+
+    def wake_background(self) -> None:
+        """``Engine.wake_background`` in the engine process (not waited for)."""
+        self._call("wake_background")
 
     def list_adapters(self, timeout: float | None = 60) -> list[AdapterInfo]:
         """``Engine.list_adapters``; blocks for a round trip (and a running step), so call it off the event loop."""

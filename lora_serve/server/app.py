@@ -32,6 +32,7 @@ from ..async_engine import AsyncEngine
 from ..engine import AdapterInfo, Engine
 from ..output_streams import OutputStreams
 from .adapters import resolve_under_root
+from . import fine_tuning_routes
 from .config import ServerConfig
 from .errors import APIError, install_error_handlers
 from .openapi import ModelLimits, errors, generation_responses, install_openapi
@@ -65,8 +66,10 @@ class _RequestGuard:
     answers in plain text, even to a request that should get a 401: hence one guard in front of both.)
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int, on_error: Callable[[int], None]):
-        self.app, self._max_bytes, self._on_error = app, max_bytes, on_error
+    def __init__(self, app: ASGIApp, api_key: str | None, max_bytes: int, on_error: Callable[[int], None],
+                 upload_bytes: int | None = None):
+        self.app, self._default_max, self._on_error = app, max_bytes, on_error
+        self._upload_max = upload_bytes  # POST /v1/files: a training file plus its multipart framing
         self._expected = None if api_key is None else api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -75,6 +78,8 @@ class _RequestGuard:
             return
         headers = Headers(scope=scope)
         error = None
+        upload = self._upload_max is not None and scope["path"] == "/v1/files" and scope["method"] == "POST"
+        limit = self._upload_max + 2**16 if upload else self._default_max
         if self._expected is not None and scope["path"].startswith("/v1/"):
             scheme, _, key = headers.get("authorization", "").partition(" ")
             # compare_digest: the time taken must not reveal how much of a guessed key was right.
@@ -82,8 +87,8 @@ class _RequestGuard:
                 error = APIError(401, "missing or incorrect API key; send 'Authorization: Bearer <key>'",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         length = headers.get("content-length", "")
-        if error is None and length.isdigit() and int(length) > self._max_bytes:
-            error = APIError(413, f"{scope['method']} {scope['path']}: {self._too_large().detail}")
+        if error is None and length.isdigit() and int(length) > limit:
+            error = APIError(413, f"{scope['method']} {scope['path']}: {_too_large(limit).detail}")
         if error is not None:
             self._on_error(error.status)
             await error.response()(scope, receive, send)
@@ -94,15 +99,17 @@ class _RequestGuard:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self._max_bytes:
+            if received > limit:
                 # Raised inside FastAPI's body parsing, which passes HTTPExceptions on to the error handlers.
-                raise self._too_large()
+                raise _too_large(limit)
             return message
 
         await self.app(scope, receive_at_most, send)
 
-    def _too_large(self) -> HTTPException:
-        return HTTPException(413, f"the request body is larger than this server's limit of {self._max_bytes} bytes")
+
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(413, f"the request body is larger than this server's limit of {limit} bytes")
 
 
 async def _answer(
@@ -211,7 +218,8 @@ def create_app(
         app.state.serving = OpenAIServing(async_engine, config)
         app.state.created = int(time.time())
         try:
-            yield
+            async with fine_tuning_routes.serving(app, engine, async_engine, config):
+                yield
         finally:
             async_engine.close()
 
@@ -223,9 +231,13 @@ def create_app(
             serving.metrics.count_error(status)
 
     install_error_handlers(app, count_error)
-    app.add_middleware(_RequestGuard, api_key=config.api_key, max_bytes=config.max_body_bytes, on_error=count_error)
+    upload_bytes = config.fine_tuning.max_file_bytes if config.fine_tuning else None
+    app.add_middleware(_RequestGuard, api_key=config.api_key, max_bytes=config.max_body_bytes, on_error=count_error,
+                       upload_bytes=upload_bytes)
     # With a key, the router documents the bearer scheme (the guard checks it).
     app.include_router(api, dependencies=[Security(_bearer)] if config.api_key else [])
+    if config.fine_tuning is not None:
+        app.include_router(fine_tuning_routes.router, dependencies=[Security(_bearer)] if config.api_key else [])
     install_openapi(app, ModelLimits(engine.max_context, engine.vocab_size,
                                      prompt_char_limit(engine.tokenizer, engine.max_context)))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fine_tuning.config import FineTuningConfig
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -15,7 +17,8 @@ class ServerConfig:
     ``api_key`` set means ``/v1/*`` needs ``Authorization: Bearer <api_key>``. ``default_max_tokens``
     bounds a chat completion that sets no ``max_tokens``. ``unload_timeout`` is how long an unload waits
     for the adapter's in-flight requests before aborting them. ``max_body_bytes`` bounds a request body
-    (a 413 beyond it).
+    (a 413 beyond it). ``fine_tuning`` set enables ``/v1/files`` and ``/v1/fine_tuning/jobs`` (uploads may be
+    up to its ``max_file_bytes``).
     """
 
     model_name: str
@@ -25,6 +28,7 @@ class ServerConfig:
     default_max_tokens: int = 256
     unload_timeout: float = 30.0
     max_body_bytes: int = 4 * 2**20
+    fine_tuning: FineTuningConfig | None = None
 
     def __post_init__(self):
         if not self.model_name:
