@@ -98,12 +98,12 @@ class AdapterManager:
         groups' bases into the pool (at most ``free_slots`` slots); ``AdapterError`` if it does not fit the
         base model, a name is taken or there is no room. A failure leaves nothing registered."""
         label = f"adapter collection {Path(path).name!r}"
-        linears = self._runner.linear_shapes()
+        linears = self.store.linears  # read before any linear was wrapped
         for module, shape in collection.modules.items():
             if linears.get(module) != shape:
-                found = "no such linear" if module not in linears else f"{linears[module]}"
-                raise AdapterError(f"{label} adapts {module} as {shape}, but the base model has {found}: it was "
-                                   "compressed from adapters of another base")
+                found = "no such linear" if module not in linears else _shape(linears[module])
+                raise AdapterError(f"{label} adapts {module} as {_shape(shape)}, but the base model has {found}: it "
+                                   "was compressed from adapters of another base")
         taken = [n for n in collection.names() if n in self.store]
         if taken:
             raise AdapterError(f"{label}: adapter name {taken[0]!r} is already registered")
@@ -166,3 +166,7 @@ class AdapterManager:
             resident=resident is not None,
             pinned=bool(resident and resident.pinned),
         )
+
+
+def _shape(shape) -> str:
+    return f"{shape.in_features} -> {shape.out_features}"

@@ -22,6 +22,8 @@ from .adapter_store import AdapterError
 from .config import EngineConfig
 from .engine import Engine
 from .engine_process import EngineProcess
+from .fine_tuning import FineTuner
+from .fine_tuning import cli_options as fine_tuning_options
 from .server import ServerConfig, create_app
 from .server.adapters import find_adapters
 
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="serve every PEFT adapter directory below DIR, named by its relative path (one that "
                             "fails to load is logged and skipped); run-time loads must lie under DIR and are "
                             "refused when it is not set")
+    model.add_argument("--adapter-collection", dest="adapter_collections", action="append", type=Path, default=[],
+                       metavar="PATH", help="serve every adapter of the compressed collection PATH (written by "
+                            "python -m lora_serve.compress) by its name (repeatable)")
     model.add_argument("--strict-adapters", action="store_true",
                        help="refuse to start when an adapter under --adapter-root fails to load")
     model.add_argument("--dtype", choices=sorted(_DTYPES), default="float32", help="default: %(default)s")
@@ -103,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="step the engine in a thread of the server process instead of its own process "
                              "(shares the GIL with the HTTP work: lower throughput; for debugging)")
     server.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    fine_tuning_options.add_arguments(p)
     return p
 
 
@@ -127,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"{args.config}: adapters: {err}")
         if values.get("adapter_root") is not None:
             values["adapter_root"] = Path(values["adapter_root"])
+        values["adapter_collections"] = [Path(p) for p in values.get("adapter_collections") or []]
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
     if args.model is None:
@@ -135,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
-    """Load the model and register every adapter given by ``--adapter`` and ``--adapter-root``.
+    """Load the model and register every adapter given by ``--adapter``, ``--adapter-collection`` and
+    ``--adapter-root``.
 
     An adapter named by ``--adapter`` must load; one found under ``--adapter-root`` that fails is logged
     and skipped, unless ``--strict-adapters``.
@@ -152,6 +160,11 @@ def build_engine(args: argparse.Namespace) -> Engine:
             raise SystemExit(f"adapter {name!r} is given twice ({found.get(name) or named[name]} and {path})")
         named[name] = path
     engine = Engine(args.model, config=config)
+    for path in args.adapter_collections:
+        try:
+            engine.add_adapter_collection(path)
+        except AdapterError as err:
+            raise SystemExit(f"cannot serve adapter collection {path}: {err}") from None
     for name, path in {**found, **named}.items():
         try:
             engine.add_adapter(name, path)
@@ -189,6 +202,9 @@ def start_engine(args: argparse.Namespace, name: str) -> Engine:
     _setup_logging(args.log_level)  # a spawned engine process starts with logging unconfigured
     engine = build_engine(args)
     log_startup(engine, name)
+    fine_tuning = fine_tuning_options.config_from_args(args)
+    if fine_tuning is not None:  # jobs train here, where the engine and its base weights are
+        engine.attach_background(FineTuner(engine, fine_tuning))
     return engine
 
 
@@ -204,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     server_config = ServerConfig(
         model_name=name, model_path=str(args.model), adapter_root=args.adapter_root, api_key=args.api_key,
         default_max_tokens=args.default_max_tokens, unload_timeout=args.unload_timeout,
-        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_body_bytes=int(args.max_body_mb * 2**20), fine_tuning=fine_tuning_options.config_from_args(args),
     )
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)

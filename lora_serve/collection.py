@@ -121,6 +121,11 @@ def _linears_in(path: Path, label: str) -> dict[str, LinearShape]:
             if "A.weight" in s and "B.weight" in s}
 
 
+def _shape(linears: dict[str, LinearShape], module: str) -> str:
+    shape = linears.get(module)
+    return "not adapted" if shape is None else f"{shape.in_features} -> {shape.out_features}"
+
+
 def read_adapters(paths: dict[str, str | Path]) -> tuple[dict[str, Adapter], str | None]:
     """Read the PEFT adapters ``name -> directory`` to compress into one collection: ``(adapters, base name)``.
 
@@ -143,9 +148,8 @@ def read_adapters(paths: dict[str, str | Path]) -> tuple[dict[str, Adapter], str
             raise AdapterError(f"{label} was trained on base model {short(config.get('base_model_name_or_path'))}, "
                                f"but {short(first[0])} on {short(base)}: a collection shares one base model")
         elif linears != first[1]:
-            diff = min(set(linears.items()) ^ set(first[1].items()), key=lambda item: item[0])
-            raise AdapterError(f"{label} adapts {len(linears)} linears and {short(first[0])} {len(first[1])}; they "
-                               f"differ at {diff[0]} ({diff[1].in_features} -> {diff[1].out_features}): a collection's "
-                               "adapters must target the same linears of the same base")
+            module = min(m for m in {*linears, *first[1]} if linears.get(m) != first[1].get(m))
+            raise AdapterError(f"{label} and {short(first[0])} differ at {module}: {_shape(linears, module)} vs "
+                               f"{_shape(first[1], module)}; a collection's adapters target the same linears of one base")
         adapters[name] = load_peft_adapter(name, path, linears, torch.float32)
     return adapters, base

@@ -16,9 +16,10 @@ Every product is formed from the factors (``B_i``, ``A_i``), never an ``[out, in
 in float64.
 
 Clusters (the paper's clustered variant): ``k`` groups, each with its own bases. Given groups are used as
-they are; otherwise k-subspaces: a seeded balanced random split, then alternately fit each group's bases and
-move every adapter to the group whose bases capture the largest share of its energy (summed over layers),
-the same objective minimised over the assignment too.
+they are; otherwise k-subspaces: seed groups k-means++-style (each new seed the adapter the others' bases
+capture worst), then alternately fit each group's bases and move every adapter to the group whose bases
+capture the largest share of its energy (summed over layers): the same objective, minimised over the
+assignment too.
 
 ``python -m lora_serve.compress OUT DIR... --rank C [--clusters K]`` writes a collection (``collection.py``).
 """
@@ -112,34 +113,44 @@ def _fit_group(layers: dict[str, Factors], rows: list[int], rank, iterations: in
     return fitted
 
 
-def _assign(layers: dict[str, Factors], groups: list[list[int]], rank, iterations: int) -> list[list[int]]:
-    """One k-subspaces step: fit each group, move each adapter to the group capturing most of its energy."""
+def _shares(layers: dict[str, Factors], groups: list[list[int]], rank, iterations: int) -> torch.Tensor:
+    """``[k, n]``: the share of each adapter's energy (all layers) that each group's fitted bases capture."""
     n = len(next(iter(layers.values())).ranks)
     captured = torch.zeros(len(groups), n, dtype=torch.float64)
-    total = sum(f.energy() for f in layers.values()).clamp_min(1e-300)
     for g, rows in enumerate(groups):
         for module, (u, v, _, _) in _fit_group(layers, rows, rank, iterations).items():
             captured[g] += layers[module].cores(u, v).square().sum((1, 2))
-    best = (captured / total).argmax(0).tolist()
-    new = [[i for i in range(n) if best[i] == g] for g in range(len(groups))]
-    for g, rows in enumerate(new):  # an emptied group takes the adapter the others capture worst
-        if not rows:
-            donor = max(range(len(new)), key=lambda h: len(new[h]))
-            worst = min(new[donor], key=lambda i: float(captured[donor, i] / total[i]))
-            new[donor].remove(worst)
-            rows.append(worst)
-    return new
+    return captured / sum(f.energy() for f in layers.values()).clamp_min(1e-300)
 
 
-def cluster(layers: dict[str, Factors], k: int, rank, iterations: int = 2, rounds: int = 4, seed: int = 0):
-    """Split the adapters into ``k`` groups by k-subspaces (module docstring); lists of adapter positions."""
+def cluster(layers: dict[str, Factors], k: int, rank, iterations: int = 2, rounds: int = 6) -> list[list[int]]:
+    """Split the adapters into ``k`` groups by k-subspaces (module docstring); lists of adapter positions.
+
+    Seeds as k-means++ does, deterministically: the adapter of most energy, then repeatedly the adapter the
+    seeds' bases capture worst; then alternately assign every adapter to the group capturing most of it and
+    refit, until the groups stop changing (an emptied group takes the adapter captured worst).
+    """
     n = len(next(iter(layers.values())).ranks)
     if not 1 <= k <= n:
         raise ValueError(f"clusters must lie in [1, {n}] (the number of adapters), got {k}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    groups = [sorted(order[g::k]) for g in range(k)]
-    for _ in range(rounds if k > 1 else 0):
-        new = _assign(layers, groups, rank, iterations)
+    if k == 1:
+        return [list(range(n))]
+    energy = sum(f.energy() for f in layers.values())
+    groups = [[int(energy.argmax())]]
+    while len(groups) < k:
+        best = _shares(layers, groups, rank, iterations).max(0).values
+        best[[g[0] for g in groups]] = float("inf")
+        groups.append([int(best.argmin())])
+    for _ in range(rounds):
+        shares = _shares(layers, groups, rank, iterations)
+        choice = shares.argmax(0).tolist()
+        new = [[i for i in range(n) if choice[i] == g] for g in range(k)]
+        for rows in new:
+            if not rows:
+                donor = max(new, key=len)
+                worst = min(donor, key=lambda i: float(shares[:, i].max()))
+                donor.remove(worst)
+                rows.append(worst)
         if new == groups:
             break
         groups = new
