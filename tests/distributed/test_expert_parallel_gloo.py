@@ -93,6 +93,29 @@ def _hf_case(ep_size: int) -> dict:
     return {"logits": out.logits.detach(), "loss": out.loss.detach(), "grads": _grads(model)}
 
 
+def check_against_ep1(results: list[dict], reference: MoELayer, ep_size: int) -> None:
+    """Each rank's output and input gradient, and the experts' and router's gradients, equal one process
+    running `reference` (EP=1, same init) on every rank's tokens (also used by the multi-host test)."""
+    world = len(results)
+    for rank, result in enumerate(results):
+        x, grad = _rank_tokens(rank)
+        x.requires_grad_(True)
+        out = reference(x)
+        out.backward(grad)  # accumulates: after the loop, grads of the sum over ranks' losses
+        torch.testing.assert_close(result["out"], out.detach(), atol=1e-5, rtol=0, msg=f"rank {rank} output")
+        torch.testing.assert_close(result["dx"], x.grad, atol=1e-5, rtol=0, msg=f"rank {rank} input grad")
+    ref = _grads(reference)
+    for rank, result in enumerate(results[:ep_size]):  # one EP group holds every expert once
+        local = slice(*result["local_experts"])
+        expert_grads = {n: g for n, g in result["grads"].items() if n.startswith("experts.")}
+        if world > ep_size:  # the other EP group holds the same experts: sum over expert-data-parallel ranks
+            twin = results[rank + ep_size]["grads"]
+            expert_grads = {n: g + twin[n] for n, g in expert_grads.items()}
+        for name, g in expert_grads.items():
+            torch.testing.assert_close(g, ref[name][local], atol=1e-4, rtol=0, msg=f"rank {rank} {name}")
+        torch.testing.assert_close(result["grads"]["router.weight"], ref["router.weight"], atol=1e-4, rtol=0)
+
+
 def _run(spawn, world: int, case: str, ep_size: int, options: dict, tmp_path) -> list[dict]:
     path = str(tmp_path / "result")
     spawn(_worker, world, world, case, ep_size, options, path)
@@ -116,23 +139,7 @@ def test_moe_layer_expert_parallel_matches_ep1(tmp_path, spawn, world, ep_size, 
     if options.get("starve_last_rank"):
         with torch.no_grad():
             reference.selection_bias[EXPERTS - EXPERTS // ep_size:] = -1e4
-    for rank, result in enumerate(results):
-        x, grad = _rank_tokens(rank)
-        x.requires_grad_(True)
-        out = reference(x)
-        out.backward(grad)  # accumulates: after the loop, grads of the sum over ranks' losses
-        torch.testing.assert_close(result["out"], out.detach(), atol=1e-5, rtol=0, msg=f"rank {rank} output")
-        torch.testing.assert_close(result["dx"], x.grad, atol=1e-5, rtol=0, msg=f"rank {rank} input grad")
-    ref = _grads(reference)
-    for rank, result in enumerate(results[:ep_size]):  # one EP group holds every expert once
-        local = slice(*result["local_experts"])
-        expert_grads = {n: g for n, g in result["grads"].items() if n.startswith("experts.")}
-        if world > ep_size:  # the other EP group holds the same experts: sum over expert-data-parallel ranks
-            twin = results[rank + ep_size]["grads"]
-            expert_grads = {n: g + twin[n] for n, g in expert_grads.items()}
-        for name, g in expert_grads.items():
-            torch.testing.assert_close(g, ref[name][local], atol=1e-4, rtol=0, msg=f"rank {rank} {name}")
-        torch.testing.assert_close(result["grads"]["router.weight"], ref["router.weight"], atol=1e-4, rtol=0)
+    check_against_ep1(results, reference, ep_size)
 
 
 def test_allreduce_gradients_gives_the_mean_objective(tmp_path, spawn):
