@@ -10,14 +10,21 @@ from __future__ import annotations
 import copy
 import json
 import math
+import time
 import types
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from lora_serve import Engine, EngineConfig
+from lora_serve.fine_tuning import FineTuningConfig
 from moeplug.fp8 import FP8AdamW
 
+BASE_LR = 1e-3
+HYPER = {"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 10.0}
+LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+SEED = 3
 WORDS = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
 
 
@@ -77,8 +84,47 @@ def peft_loop(base, tokenizer, records, *, seed, r, alpha, targets, n_epochs, ba
     return model.eval(), losses
 
 
+def wait_finished(client, job_id: str, timeout: float = 120):
+    """Poll the job as a client would until it has finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
+
+
 @pytest.fixture(scope="session")
 def ft():
-    """Helpers: ``ft.chat_examples``, ``ft.jsonl``, ``ft.peft_loop``, ``ft.oracle_tokens``."""
+    """Helpers and the job settings the tests share (``ft.chat_examples``, ``ft.peft_loop``, ``ft.HYPER``...)."""
     return types.SimpleNamespace(chat_examples=chat_examples, jsonl=jsonl, peft_loop=peft_loop,
-                                 oracle_tokens=oracle_tokens)
+                                 oracle_tokens=oracle_tokens, wait_finished=wait_finished, BASE_LR=BASE_LR,
+                                 HYPER=HYPER, LORA=LORA, SEED=SEED)
+
+
+@pytest.fixture(scope="session")
+def server(lora, serve, tmp_path_factory):
+    """A served tiny Llama with fine-tuning enabled (one engine for all fine-tuning tests)."""
+    tokenizer = serve.char_tokenizer()
+    base = lora.tiny_model("llama")
+    engine = Engine(copy.deepcopy(base), tokenizer, EngineConfig(pool_slots=6000, max_batch_tokens=256))
+    fine_tuning = FineTuningConfig(root=tmp_path_factory.mktemp("ft"), max_file_bytes=4096, checkpoint_every=2,
+                                   base_learning_rate=BASE_LR)
+    running = serve.start_server(engine, serve.ServerConfig(model_name="base", api_key=serve.API_KEY,
+                                                            fine_tuning=fine_tuning))
+    running.base, running.tokenizer, running.root = base, tokenizer, fine_tuning.root
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def finished_job(server):
+    """The end-to-end run: upload a file, create a job, poll it to the end (what every test here reads)."""
+    client = server.openai()
+    uploaded = client.files.create(file=("train.jsonl", jsonl(chat_examples())), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="base", training_file=uploaded.id, suffix="shout", seed=SEED,
+                                         hyperparameters=HYPER, extra_body={"lora": LORA})
+    assert job.status == "validating_files"
+    return uploaded, wait_finished(client, job.id)
+

@@ -8,57 +8,13 @@ completion equals PEFT ``generate`` with that adapter.
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from lora_serve import Engine, EngineConfig
-from lora_serve.fine_tuning import FineTuningConfig
 
-BASE_LR = 1e-3
-HYPER = {"n_epochs": 3, "batch_size": 2, "learning_rate_multiplier": 10.0}
-LORA = {"r": 4, "alpha": 8.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
-SEED = 3
-
-
-def wait_finished(client, job_id: str, timeout: float = 120):
-    """Poll the job as a client would until it has finished."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} did not finish within {timeout} s: {job}")
-
-
-@pytest.fixture(scope="module")
-def server(lora, serve, tmp_path_factory):
-    """A served tiny Llama with fine-tuning enabled (one engine for this module's tests)."""
-    tokenizer = serve.char_tokenizer()
-    base = lora.tiny_model("llama")
-    engine = Engine(copy.deepcopy(base), tokenizer, EngineConfig(pool_slots=6000, max_batch_tokens=256))
-    fine_tuning = FineTuningConfig(root=tmp_path_factory.mktemp("ft"), max_file_bytes=4096, checkpoint_every=2,
-                                   base_learning_rate=BASE_LR)
-    running = serve.start_server(engine, serve.ServerConfig(model_name="base", api_key=serve.API_KEY,
-                                                            fine_tuning=fine_tuning))
-    running.base, running.tokenizer, running.root = base, tokenizer, fine_tuning.root
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def finished_job(server, ft):
-    """The end-to-end run: upload a file, create a job, poll it to the end (what every test here reads)."""
-    client = server.openai()
-    uploaded = client.files.create(file=("train.jsonl", ft.jsonl(ft.chat_examples())), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="base", training_file=uploaded.id, suffix="shout", seed=SEED,
-                                         hyperparameters=HYPER, extra_body={"lora": LORA})
-    assert job.status == "validating_files"
-    return uploaded, wait_finished(client, job.id)
 
 
 def test_job_succeeds_and_its_model_is_served(server, finished_job):
@@ -78,9 +34,9 @@ def test_job_succeeds_and_its_model_is_served(server, finished_job):
 def test_adapter_equals_offline_peft_loop(server, finished_job, ft):
     _, job = finished_job
     records = ft.chat_examples()
-    model, losses = ft.peft_loop(server.base, server.tokenizer, records, seed=SEED, r=LORA["r"],
-                                 alpha=LORA["alpha"], targets=LORA["target_modules"], n_epochs=HYPER["n_epochs"],
-                                 batch_size=HYPER["batch_size"], lr=BASE_LR * HYPER["learning_rate_multiplier"])
+    model, losses = ft.peft_loop(server.base, server.tokenizer, records, seed=ft.SEED, r=ft.LORA["r"],
+                                 alpha=ft.LORA["alpha"], targets=ft.LORA["target_modules"], n_epochs=ft.HYPER["n_epochs"],
+                                 batch_size=ft.HYPER["batch_size"], lr=ft.BASE_LR * ft.HYPER["learning_rate_multiplier"])
     trained = load_file(str(server.root / "jobs" / job.id / "adapter" / "adapter_model.safetensors"))
     expected = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
     assert sorted(trained) == sorted(expected)
