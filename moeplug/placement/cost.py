@@ -131,6 +131,33 @@ def context_coherent_cost(trace: RoutingTrace, plan: Placement, row_bytes: float
                 _exchange_time(sent, received, row_bytes, bandwidth))
 
 
+def node_share(share: torch.Tensor, ranks_per_node: int) -> torch.Tensor:
+    """[L, E, N] share of expert e's tokens served by host n, from [L, E, P] rank shares."""
+    layers, experts, ranks = share.shape
+    if ranks_per_node < 1 or ranks % ranks_per_node:
+        raise ValueError(f"ranks_per_node={ranks_per_node} must be a positive integer dividing ep_size={ranks}")
+    return share.view(layers, experts, ranks // ranks_per_node, ranks_per_node).sum(-1)
+
+
+def node_rows(trace: RoutingTrace, share: torch.Tensor, ranks_per_node: int, hierarchical: bool = True) -> dict:
+    """Expected standard-dispatch rows (one direction, summed over layers) across hosts and inside hosts.
+
+    Tokens start on a uniform random rank. Flat dispatch sends a row per (token, destination rank):
+    it crosses hosts unless the source shares the rank's host ((N-1)/N of rows), and crosses ranks
+    inside a host otherwise (the source is another rank of that host: (L-1)/P). Hierarchical dispatch
+    (`moeplug.dispatch`) sends a row per (token, destination host) across ((N-1)/N of them), then the
+    receiving peer spreads one row per (token, destination rank) to the other ranks of its host
+    ((L-1)/L: the peer is one of the L ranks). Bytes = 2 x rows x row bytes (dispatch + combine).
+    """
+    ranks = share.shape[-1]
+    nodes = ranks // ranks_per_node
+    per_rank = float(_destinations(trace, share).sum())
+    if not hierarchical:
+        return {"inter": per_rank * (nodes - 1) / nodes, "intra": per_rank * (ranks_per_node - 1) / ranks}
+    per_node = float(_destinations(trace, node_share(share, ranks_per_node)).sum())
+    return {"inter": per_node * (nodes - 1) / nodes, "intra": per_rank * (ranks_per_node - 1) / ranks_per_node}
+
+
 def evaluate(trace: RoutingTrace, plan: Placement, row_bytes: float = 1.0, bandwidth: float = 1.0) -> dict[str, Cost]:
     """Both traffic models, plus "standard_rows": the rows a non-deduplicating dispatch would send."""
     return {"standard": standard_cost(trace, plan, row_bytes, bandwidth),
@@ -138,20 +165,33 @@ def evaluate(trace: RoutingTrace, plan: Placement, row_bytes: float = 1.0, bandw
             "context_coherent": context_coherent_cost(trace, plan, row_bytes, bandwidth)}
 
 
-def objective(trace: RoutingTrace, plan: Placement, traffic_model: str, balance_weight: float) -> float:
+# Node-aware objectives price a row across hosts like this many rows inside one: inter-host rows first.
+INTER_NODE_WEIGHT = 100.0
+
+
+def objective(trace: RoutingTrace, plan: Placement, traffic_model: str, balance_weight: float,
+              ranks_per_node: int | None = None) -> float:
     """What the planners minimise: cross-rank rows + balance_weight * sum over layers of the busiest
     rank's load (both in tokens, so balance_weight = 1 prices a token of bottleneck compute like a
-    token moved)."""
+    token moved). With `ranks_per_node` (standard model only) the rows are those of hierarchical
+    dispatch (`node_rows`): INTER_NODE_WEIGHT x rows across hosts + rows inside hosts."""
     _check(trace, plan)
-    return objective_of_share(trace, plan.rank_share(), traffic_model, balance_weight)
+    return objective_of_share(trace, plan.rank_share(), traffic_model, balance_weight, ranks_per_node)
 
 
-def objective_of_share(trace: RoutingTrace, share: torch.Tensor, traffic_model: str, balance_weight: float) -> float:
+def objective_of_share(trace: RoutingTrace, share: torch.Tensor, traffic_model: str, balance_weight: float,
+                       ranks_per_node: int | None = None) -> float:
     """`objective` from the [L, E, P] rank shares of a plan (`Placement.rank_share`): cheap to re-evaluate
     after changing one layer's share, which is what local search does."""
     if traffic_model not in TRAFFIC_MODELS:
         raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
     peaks = float(torch.einsum("le,lep->lp", trace.counts, share).max(1).values.sum())
+    if ranks_per_node is not None:
+        if traffic_model != "standard":
+            raise ValueError(f"ranks_per_node needs traffic_model='standard' (hierarchical dispatch), "
+                             f"got {traffic_model!r}")
+        rows = node_rows(trace, share, ranks_per_node)
+        return INTER_NODE_WEIGHT * rows["inter"] + rows["intra"] + balance_weight * peaks
     if traffic_model == "standard":
         ranks = share.shape[-1]
         traffic = float(_destinations(trace, share).sum()) * (ranks - 1) / ranks  # uniform source rank

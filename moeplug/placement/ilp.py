@@ -29,6 +29,7 @@ from scipy.sparse import coo_matrix
 
 from .cost import TRAFFIC_MODELS, objective
 from .greedy import greedy_plan
+from .node_ilp import node_milp_problem, node_slots
 from .plan import Placement
 from .refine import refine_plan
 from .trace import RoutingTrace
@@ -108,11 +109,17 @@ def _milp_problem(trace: RoutingTrace, ep_size: int, pairs: list, balance_weight
 
 def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_coherent", balance_weight: float = 1.0,
              time_limit: float | None = 10.0, min_pair_share: float = 1e-3, max_imbalance: float | None = None,
-             node_limit: int | None = None, refine_passes: int | None = None) -> Placement:
+             node_limit: int | None = None, refine_passes: int | None = None, ranks_per_node: int | None = None,
+             replicas: int = 0) -> Placement:
     """Solve the placement MILP (see the module docstring); returns the better of it and greedy.
 
     `max_imbalance` (optional) caps every layer's busiest rank at that multiple of the mean rank
     load; when the cap is infeasible (one expert heavier than it) the greedy plan comes back.
+
+    `ranks_per_node` (hosts of that many consecutive ranks) and/or `replicas` (extra copies per layer)
+    solve the node-aware MILP of `node_ilp` instead (standard traffic model only): rows across hosts
+    first, rows inside hosts second, under the same balance terms, with the replicas placed by the
+    solver. Every plan is then scored by `cost.objective(..., ranks_per_node)`.
 
     `time_limit` (seconds, None: none) and `node_limit` (branch-and-bound nodes, None: none) bound the
     solver; with `time_limit=None` the local searches (`refine_plan`, at most `refine_passes` passes) run
@@ -127,37 +134,59 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
     if traffic_model not in TRAFFIC_MODELS:
         raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
     layers, experts = trace.num_layers, trace.num_experts
-    if experts % ep_size:
-        raise ValueError(f"ep_size={ep_size} must divide num_experts={experts} (the ILP places one copy per expert)")
-    pairs = _pairs(trace, traffic_model, ep_size, min_pair_share)
-    cost, constraints, integrality, bounds = _milp_problem(trace, ep_size, pairs, balance_weight, max_imbalance)
+    node_aware = ranks_per_node is not None or replicas != 0
+    if node_aware:
+        _check_node_options(traffic_model, ep_size, ranks_per_node, replicas, experts)
+        pairs = [(l, e, f, w) for l, together in enumerate(trace.pairs)
+                 for (e, f), w in _heavy(torch.triu(together, diagonal=1), min_pair_share)]
+        *problem, _ = node_milp_problem(trace, ep_size, ranks_per_node or ep_size, replicas, pairs,
+                                        balance_weight, max_imbalance)
+    else:
+        if experts % ep_size:
+            raise ValueError(f"ep_size={ep_size} must divide num_experts={experts} (the ILP places one copy per expert)")
+        pairs = _pairs(trace, traffic_model, ep_size, min_pair_share)
+        problem = _milp_problem(trace, ep_size, pairs, balance_weight, max_imbalance)
+    cost, constraints, integrality, bounds = problem
     limits = {k: v for k, v in (("time_limit", time_limit), ("node_limit", node_limit)) if v is not None}
     started = time.perf_counter()
     result = milp(cost, constraints=constraints, integrality=integrality, bounds=bounds, options=limits)
     seconds = time.perf_counter() - started
 
     refine_seconds = None if time_limit is None else min(time_limit, 10.0)
-    greedy = greedy_plan(trace, ep_size, traffic_model=traffic_model, refine_seconds=refine_seconds,
+    search = dict(time_limit=refine_seconds, max_passes=refine_passes, ranks_per_node=ranks_per_node)
+    greedy = greedy_plan(trace, ep_size, replicas, traffic_model=traffic_model, refine_seconds=refine_seconds,
                          refine_passes=refine_passes)
-    greedy_value = objective(trace, greedy, traffic_model, balance_weight)
+    if ranks_per_node is not None:
+        greedy = refine_plan(trace, greedy, traffic_model, balance_weight, **search)
+    greedy_value = objective(trace, greedy, traffic_model, balance_weight, ranks_per_node)
     info = {"planner": "ilp", "traffic_model": traffic_model, "balance_weight": balance_weight,
             "max_imbalance": max_imbalance, "time_limit": time_limit, "node_limit": node_limit,
+            "ranks_per_node": ranks_per_node, "replicas": replicas,
             "status": result.message, "solve_s": round(seconds, 3), "pairs": len(pairs),
             "mip_gap": getattr(result, "mip_gap", None), "greedy_objective": greedy_value}
     if result.x is None:
         greedy.info.update(ilp=info, used="greedy (the ILP found no solution: infeasible or out of time)")
         return greedy
-    assign = result.x[:layers * experts * ep_size].reshape(layers, experts, ep_size).argmax(-1)
-    slots = torch.stack([torch.stack([torch.nonzero(torch.from_numpy(assign[l] == r)).flatten()
-                                      for r in range(ep_size)]) for l in range(layers)])
-    plan = Placement(slots, experts, list(trace.layer_names), info)
-    info["ilp_objective"] = objective(trace, plan, traffic_model, balance_weight)
+    per_rank = (experts + replicas) // ep_size
+    plan = Placement(node_slots(result.x, trace, ep_size, per_rank), experts, list(trace.layer_names), info)
+    info["ilp_objective"] = objective(trace, plan, traffic_model, balance_weight, ranks_per_node)
     # An incumbent short of optimal may still improve by local search (which keeps every layer's peak).
-    plan = refine_plan(trace, plan, traffic_model, balance_weight, time_limit=refine_seconds, max_passes=refine_passes)
+    plan = refine_plan(trace, plan, traffic_model, balance_weight, **search)
     info = plan.info
-    value = objective(trace, plan, traffic_model, balance_weight)
+    value = objective(trace, plan, traffic_model, balance_weight, ranks_per_node)
     if value > greedy_value:
         greedy.info.update(ilp=info, used="greedy (better than the ILP's incumbent)")
         return greedy
     info["used"] = "ilp"
     return plan
+
+
+def _check_node_options(traffic_model: str, ep_size: int, ranks_per_node: int | None, replicas: int,
+                        experts: int) -> None:
+    if traffic_model != "standard":
+        raise ValueError(f"ranks_per_node/replicas in the ILP need traffic_model='standard', got {traffic_model!r}")
+    if ranks_per_node is not None and (not isinstance(ranks_per_node, int) or ranks_per_node < 1
+                                       or ep_size % ranks_per_node):
+        raise ValueError(f"ranks_per_node={ranks_per_node!r} must be a positive integer dividing ep_size={ep_size}")
+    if replicas < 0 or (experts + replicas) % ep_size:
+        raise ValueError(f"num_experts + replicas = {experts} + {replicas} must be a multiple of ep_size={ep_size}")

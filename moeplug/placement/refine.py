@@ -23,10 +23,12 @@ from .trace import RoutingTrace
 
 
 def refine_plan(trace: RoutingTrace, plan: Placement, traffic_model: str, balance_weight: float = 1.0,
-                time_limit: float | None = 10.0, max_passes: int | None = None) -> Placement:
+                time_limit: float | None = 10.0, max_passes: int | None = None,
+                ranks_per_node: int | None = None) -> Placement:
     """`plan` improved by pairwise swaps (see the module docstring); `info["refine"]` says what changed.
 
-    `time_limit=None` removes the wall-clock limit; `max_passes=None` allows passes until one finds no gain.
+    `time_limit=None` removes the wall-clock limit; `max_passes=None` allows passes until one finds no gain;
+    `ranks_per_node` makes the objective node-aware (`cost.objective`).
     """
     if max_passes is not None and max_passes < 1:
         raise ValueError(f"max_passes={max_passes!r} must be a positive integer or None")
@@ -35,7 +37,7 @@ def refine_plan(trace: RoutingTrace, plan: Placement, traffic_model: str, balanc
     experts, layers = plan.num_experts, plan.num_layers
     peak = rank_load(trace, plan).max(1).values  # [L]: no layer may end heavier than this
     share = plan.rank_share()
-    start = best = objective_of_share(trace, share, traffic_model, balance_weight)
+    start = best = objective_of_share(trace, share, traffic_model, balance_weight, ranks_per_node)
     places = [(r, s) for r in range(plan.ep_size) for s in range(plan.slots_per_rank)]
     swaps, passes, started = 0, 0, time.perf_counter()
     improved = True
@@ -50,7 +52,7 @@ def refine_plan(trace: RoutingTrace, plan: Placement, traffic_model: str, balanc
             table[r1, s1], table[r2, s2] = b, a
             kept = share[layer].clone()
             share[layer] = rank_share(table, experts)
-            value = objective_of_share(trace, share, traffic_model, balance_weight)
+            value = objective_of_share(trace, share, traffic_model, balance_weight, ranks_per_node)
             if value < best - 1e-9 and float((trace.counts[layer] @ share[layer]).max()) <= float(peak[layer]) + 1e-9:
                 best, swaps, improved = value, swaps + 1, True
             else:
