@@ -4,6 +4,7 @@
         openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")...
 
 The server is stopped on exit from the block, also after an error or Ctrl-C: nothing is left running.
+``char_tokenizer()`` is a one-token-per-character tokenizer with a ChatML template, for tiny random models.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
-__all__ = ["ServerProcess", "free_port", "serve_in_subprocess", "start_server_process", "stop_server_process"]
+__all__ = [
+    "ServerProcess", "char_tokenizer", "free_port", "serve_in_subprocess", "start_server_process",
+    "stop_server_process",
+]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -81,3 +87,27 @@ def serve_in_subprocess(args: list[str], **options) -> Iterator[ServerProcess]:
         yield server
     finally:
         stop_server_process(server.process)
+
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in the tiny configs
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def char_tokenizer(vocab_size: int = 211) -> PreTrainedTokenizerFast:
+    """One token per character (newline, then printable characters) filling ``vocab_size``, plus ChatML markers.
+
+    Every id decodes to text, so whatever a random model generates can be compared as text.
+    """
+    printable = (c for c in map(chr, range(32, 4096)) if c.isprintable())
+    chars = ["\n"] + [next(printable) for _ in range(vocab_size - len(SPECIALS) - 1)]
+    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        additional_special_tokens=SPECIALS[4:], chat_template=CHAT_TEMPLATE,
+    )

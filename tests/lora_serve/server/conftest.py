@@ -1,4 +1,4 @@
-"""A tiny character-level tokenizer with a chat template, and a real uvicorn server on 127.0.0.1 run in a
+"""The character tokenizer (``lora_serve.testing.char_tokenizer``) and a real uvicorn server on 127.0.0.1 run in a
 background thread (so tests can read the engine's pool accounting directly).
 
 Under ``--import-mode=importlib`` test modules cannot import this file, so helpers come as fixtures.
@@ -17,35 +17,12 @@ import openai
 import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from lora_serve import Engine
 from lora_serve.server import ServerConfig, create_app
+from lora_serve.testing import char_tokenizer
 
 API_KEY = "test-key"
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 as in the tiny configs
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def char_tokenizer(vocab_size: int = 211) -> PreTrainedTokenizerFast:
-    """One token per character (newline, then printable characters) filling ``vocab_size``, plus ChatML markers.
-
-    Every id decodes to text, so whatever a random model generates can be compared as text.
-    """
-    printable = (c for c in map(chr, range(32, 4096)) if c.isprintable())
-    chars = ["\n"] + [next(printable) for _ in range(vocab_size - len(SPECIALS) - 1)]
-    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        additional_special_tokens=SPECIALS[4:], chat_template=CHAT_TEMPLATE,
-    )
 
 
 @dataclass
