@@ -16,10 +16,10 @@ Every product is formed from the factors (``B_i``, ``A_i``), never an ``[out, in
 in float64.
 
 Clusters (the paper's clustered variant): ``k`` groups, each with its own bases. Given groups are used as
-they are; otherwise k-subspaces: seed groups k-means++-style (each new seed the adapter the others' bases
-capture worst), then alternately fit each group's bases and move every adapter to the group whose bases
-capture the largest share of its energy (summed over layers): the same objective, minimised over the
-assignment too.
+they are; otherwise k-subspaces: seed groups k-means++-style on sketches of the updates (each new seed the
+adapter least like the seeds so far), then alternately fit each group's bases and move every adapter to
+the group whose bases capture the largest share of its energy (summed over layers): the same objective,
+minimised over the assignment too.
 
 ``python -m lora_serve.compress OUT DIR... --rank C [--clusters K]`` writes a collection (``collection.py``).
 """
@@ -72,9 +72,14 @@ class Factors:
 
 
 def _top_eigenvectors(gram: torch.Tensor, c: int) -> torch.Tensor:
-    """The ``c`` eigenvectors of symmetric ``gram`` with the largest eigenvalues, as columns."""
-    _, vectors = torch.linalg.eigh(gram)
-    return vectors[:, -c:].flip(1)
+    """The ``c`` eigenvectors of symmetric ``gram`` with the largest eigenvalues, as float64 columns.
+
+    The decomposition runs in float32 (3x faster than float64 at 688 x 688, which dominated compression
+    time), then the vectors are re-orthonormalised in float64 (QR), so that ``||ΔW||² − ||U^T ΔW V||²`` is
+    the exact residual of the subspace found (float32 vectors would leave a ~1e-7 energy gap, a 3e-4 error).
+    """
+    _, vectors = torch.linalg.eigh(gram.float())
+    return torch.linalg.qr(vectors[:, -c:].flip(1).double())[0]
 
 
 def fit_bases(f: Factors, c: int, iterations: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,26 +128,42 @@ def _shares(layers: dict[str, Factors], groups: list[list[int]], rank, iteration
     return captured / sum(f.energy() for f in layers.values()).clamp_min(1e-300)
 
 
-def cluster(layers: dict[str, Factors], k: int, rank, iterations: int = 2, rounds: int = 6) -> list[list[int]]:
+def _sketches(layers: dict[str, Factors], seed: int) -> torch.Tensor:
+    """``[n, d]`` unit vectors: each adapter's updates applied to fixed random inputs, all layers concatenated
+    (adapters that act alike on inputs point alike)."""
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for f in layers.values():
+        probe = torch.randn(f.q.shape[2], 8, generator=g, dtype=torch.float64)
+        parts.append((f.p.double() @ (f.q.double() @ probe)).flatten(1))
+    sketch = torch.cat(parts, 1)
+    return sketch / sketch.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def cluster(layers: dict[str, Factors], k: int, rank, rounds: int = 4, seed: int = 0) -> list[list[int]]:
     """Split the adapters into ``k`` groups by k-subspaces (module docstring); lists of adapter positions.
 
-    Seeds as k-means++ does, deterministically: the adapter of most energy, then repeatedly the adapter the
-    seeds' bases capture worst; then alternately assign every adapter to the group capturing most of it and
-    refit, until the groups stop changing (an emptied group takes the adapter captured worst).
+    Seeds k-means++-style (deterministically: each next seed the adapter least similar to the seeds so far,
+    by |cosine| of ``_sketches``), then alternately fits each group's bases (the joint-SVD start, which is
+    what decides the assignment) and moves every adapter to the group capturing most of its energy, until
+    the groups stop changing (an emptied group takes the adapter captured worst).
     """
     n = len(next(iter(layers.values())).ranks)
     if not 1 <= k <= n:
         raise ValueError(f"clusters must lie in [1, {n}] (the number of adapters), got {k}")
     if k == 1:
         return [list(range(n))]
-    energy = sum(f.energy() for f in layers.values())
-    groups = [[int(energy.argmax())]]
-    while len(groups) < k:
-        best = _shares(layers, groups, rank, iterations).max(0).values
-        best[[g[0] for g in groups]] = float("inf")
-        groups.append([int(best.argmin())])
+    sketch = _sketches(layers, seed)
+    seeds = [int(sum(f.energy() for f in layers.values()).argmax())]
+    while len(seeds) < k:
+        similar = (sketch @ sketch[seeds].t()).abs().max(1).values
+        similar[seeds] = float("inf")
+        seeds.append(int(similar.argmin()))
+    choice = (sketch @ sketch[seeds].t()).abs().argmax(1).tolist()
+    choice = [seeds.index(i) if i in seeds else g for i, g in enumerate(choice)]
+    groups = [[i for i in range(n) if choice[i] == g] for g in range(k)]
     for _ in range(rounds):
-        shares = _shares(layers, groups, rank, iterations)
+        shares = _shares(layers, groups, rank, 0)
         choice = shares.argmax(0).tolist()
         new = [[i for i in range(n) if choice[i] == g] for g in range(k)]
         for rows in new:
