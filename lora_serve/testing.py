@@ -101,7 +101,7 @@ def char_tokenizer(vocab_size: int = 211) -> PreTrainedTokenizerFast:
 
     Every id decodes to text, so whatever a random model generates can be compared as text.
     """
-    printable = (c for c in map(chr, range(32, 4096)) if c.isprintable())
+    printable = (c for c in map(chr, range(32, 0x30000)) if c.isprintable())
     chars = ["\n"] + [next(printable) for _ in range(vocab_size - len(SPECIALS) - 1)]
     vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -3,7 +3,9 @@
 Attached to an ``Engine`` (``engine.attach_background``), it runs at the end of every ``Engine.step``, after
 the step's inference work, with a ``StepReport`` of that work. It gives the running job one micro-batch of
 at most ``training_budget(...)`` tokens: the step's unused token budget, cut further by the SLO targets
-(``FineTuningConfig``) using the measured seconds per training token. Waiting requests stop training for the
+(``FineTuningConfig``) using the measured seconds per training token: with requests running, to the time
+the ITL target leaves after the step's inference; idle, to the TTFT target less an inference step (a request
+arriving meanwhile waits for the micro-batch, then needs its prefill). Waiting requests stop training for the
 step (their time to first token comes first). With no inference at all the job gets the whole step budget,
 and always at least one example, so it progresses on an idle server.
 
@@ -28,20 +30,22 @@ from .trainer import LoRATrainer, TrainingError
 logger = logging.getLogger(__name__)
 
 
-def training_budget(report: StepReport, cost: int, config: FineTuningConfig, seconds_per_token: float | None):
+def training_budget(report: StepReport, cost: int, config: FineTuningConfig, seconds_per_token: float | None,
+                    inference_step_s: float = 0.0):
     """Tokens the job may run after this step's inference, or None to skip training this step.
 
-    ``cost`` is the next example's size (a micro-batch holds at least one).
+    ``cost`` is the next example's size (a micro-batch holds at least one); ``inference_step_s`` is the recent
+    time of an inference step, what a request arriving during an idle step's training still needs afterwards.
     """
     idle = report.running == 0 and report.waiting == 0
     if report.waiting:
         return None
     limit = report.max_batch_tokens if idle else report.max_batch_tokens - report.inference_tokens
-    # Idle: a request arriving now waits for the micro-batch, so it gets half the TTFT target.
-    target = (config.slo_ttft_s and config.slo_ttft_s / 2) if idle else config.slo_itl_s
+    # Idle: a request arriving now waits for the micro-batch, then for its own prefill step.
+    target = (config.slo_ttft_s and config.slo_ttft_s - inference_step_s) if idle else config.slo_itl_s
     if target is not None and seconds_per_token:
         spare = target - (0 if idle else report.inference_seconds)
-        limit = min(limit, int(spare / seconds_per_token))
+        limit = min(limit, int(max(0.0, spare) / seconds_per_token))
     if idle:
         return max(limit, cost)
     return limit if limit >= cost else None
@@ -55,6 +59,7 @@ class FineTuner:
         self.jobs = JobStore(config.jobs_dir)
         self.current: tuple[str, LoRATrainer] | None = None
         self.seconds_per_token: float | None = None  # running mean of the training micro-batches
+        self.inference_step_s = 0.0  # running mean of the steps that did inference work
         self._wake = True
 
     def wake(self) -> None:
@@ -67,6 +72,8 @@ class FineTuner:
 
     def after_step(self, report: StepReport) -> None:
         """The engine finished a step's inference work: scan if woken, then train one micro-batch if allowed."""
+        if report.inference_tokens:
+            self.inference_step_s = 0.8 * self.inference_step_s + 0.2 * report.inference_seconds
         if self._wake:
             self._wake = False
             self._scan()
@@ -77,7 +84,8 @@ class FineTuner:
             if self.jobs.cancel_requested(job_id):
                 self._end(job_id, "cancelled", "The job was cancelled")
                 return
-            budget = training_budget(report, trainer.next_cost(), self.config, self.seconds_per_token)
+            budget = training_budget(report, trainer.next_cost(), self.config, self.seconds_per_token,
+                                     self.inference_step_s)
             if budget is not None:
                 self._train(job_id, trainer, budget)
         except Exception as err:  # noqa: BLE001 - the job fails, the engine goes on serving

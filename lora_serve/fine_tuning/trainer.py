@@ -123,10 +123,7 @@ class LoRATrainer:
         examples, self._todo = self._todo[:take], self._todo[take:]
         batch = pad_batch(examples, self.pad_id, self.model.device)
         with training_forward(self.model), self.lora.attached():
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).logits
-            summed = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                     ignore_index=IGNORE, reduction="sum")
+            summed = self._summed_loss(batch)
             if not torch.isfinite(summed):
                 raise TrainingError(f"the training loss is {summed.item()} at step {self.step + 1}")
             (summed / self._batch_loss_tokens).backward()
@@ -158,13 +155,15 @@ class LoRATrainer:
         with training_forward(self.model), self.lora.attached(), torch.no_grad():
             for start in range(0, len(self.valid), batch_examples):
                 chunk = self.valid[start : start + batch_examples]
-                batch = pad_batch(chunk, self.pad_id, self.model.device)
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    use_cache=False).logits
-                total += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                         ignore_index=IGNORE, reduction="sum").item()
+                total += self._summed_loss(pad_batch(chunk, self.pad_id, self.model.device)).item()
                 count += sum(loss_tokens(e) for e in chunk)
         return total / max(1, count)
+
+    def _summed_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Sum of the token losses of ``batch`` (each position predicts the next label; -100 skipped)."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE, reduction="sum")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: Path, metrics: dict) -> None:

@@ -35,6 +35,10 @@ def chat_examples(count: int = 6) -> list[dict]:
                           {"role": "assistant", "content": WORDS[i % len(WORDS)].upper()}]} for i in range(count)]
 
 
+VALID = [{"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}]}
+         for w in ("fox", "owl", "bee")]
+
+
 def jsonl(records: list[dict]) -> bytes:
     """Records as JSONL bytes."""
     return "".join(json.dumps(r) + "\n" for r in records).encode()
@@ -99,7 +103,7 @@ def wait_finished(client, job_id: str, timeout: float = 120):
 def ft():
     """Helpers and the job settings the tests share (``ft.chat_examples``, ``ft.peft_loop``, ``ft.HYPER``...)."""
     return types.SimpleNamespace(chat_examples=chat_examples, jsonl=jsonl, peft_loop=peft_loop,
-                                 oracle_tokens=oracle_tokens, wait_finished=wait_finished, BASE_LR=BASE_LR,
+                                 oracle_tokens=oracle_tokens, wait_finished=wait_finished, VALID=VALID, BASE_LR=BASE_LR,
                                  HYPER=HYPER, LORA=LORA, SEED=SEED)
 
 
@@ -123,8 +127,9 @@ def finished_job(server):
     """The end-to-end run: upload a file, create a job, poll it to the end (what every test here reads)."""
     client = server.openai()
     uploaded = client.files.create(file=("train.jsonl", jsonl(chat_examples())), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="base", training_file=uploaded.id, suffix="shout", seed=SEED,
-                                         hyperparameters=HYPER, extra_body={"lora": LORA})
+    valid = client.files.create(file=("valid.jsonl", jsonl(VALID)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="base", training_file=uploaded.id, validation_file=valid.id,
+                                         suffix="shout", seed=SEED, hyperparameters=HYPER, extra_body={"lora": LORA})
     assert job.status == "validating_files"
     return uploaded, wait_finished(client, job.id)
 

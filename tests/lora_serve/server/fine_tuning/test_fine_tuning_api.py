@@ -49,6 +49,15 @@ def test_adapter_equals_offline_peft_loop(server, finished_job, ft):
     events = server.openai().fine_tuning.jobs.list_events(job.id, limit=100).data
     served_losses = [e.data["train_loss"] for e in reversed(events) if e.data and "train_loss" in e.data]
     torch.testing.assert_close(torch.tensor(served_losses), torch.tensor(losses), rtol=1e-5, atol=1e-6)
+    # The validation loss of the final checkpoint: transformers' token-mean loss of the validation set
+    tokens = [ft.oracle_tokens(server.tokenizer, record) for record in ft.VALID]
+    width = max(len(ids) for ids, _ in tokens)
+    with torch.no_grad():
+        expected_valid = model(input_ids=torch.tensor([i + [0] * (width - len(i)) for i, _ in tokens]),
+                               attention_mask=torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in tokens]),
+                               labels=torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in tokens])).loss
+    final = server.openai().fine_tuning.jobs.checkpoints.list(job.id).data[0]
+    assert final.metrics.valid_loss == pytest.approx(expected_valid.item(), rel=1e-4)
 
 
 def test_served_model_equals_peft_generate(server, finished_job, lora):

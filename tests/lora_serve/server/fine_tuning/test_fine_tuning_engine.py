@@ -83,8 +83,9 @@ def test_training_gets_what_inference_leaves_and_the_slo_allows(tmp_path):
     # 1 ms per training token: 50 ms ITL minus a 20 ms inference step leaves 30 tokens (< 40: skip the step)
     assert training_budget(_report(running=3, tokens=10, seconds=0.02), 40, slo, 1e-3) is None
     assert training_budget(_report(running=3, tokens=10, seconds=0.005), 40, slo, 1e-3) == 45
-    assert training_budget(_report(), 40, slo, 1e-3) == 100  # idle: half the TTFT target
-    assert training_budget(_report(), 300, slo, 1e-3) == 300  # idle: always at least one example
+    # idle: the TTFT target less an inference step (20 ms): 180 tokens, and always at least one example
+    assert training_budget(_report(), 40, slo, 1e-3, inference_step_s=0.02) == 180
+    assert training_budget(_report(), 300, slo, 1e-3, inference_step_s=0.02) == 300
 
 
 def test_loss_masks_cover_assistant_turns_and_completions(serve):
