@@ -14,8 +14,9 @@ requantisation, as in COAT, so the quantisation error enters through the next st
 * otherwise the reference, whose (de)quantisation runs through :mod:`kernels.fp8` (Triton kernels for
   CUDA tensors, torch on CPU).
 
-The fused step follows the reference op for op in fp32; only ``log2`` / ``exp2`` differ in the last bit,
-so a code may differ by one E4M3 step (tested in tests/fp8/test_fp8_fused.py).
+The fused step replaces the reference's per-value ``log2`` / ``exp2`` with tables and polynomials of
+stated error, so a code may differ by one E4M3 step (bound derived in ``_fp8_cpu.cpp``, tested in
+tests/fp8/test_fp8_fused.py).
 
 A state is a dict with ``exp_avg`` / ``exp_avg_sq`` (fp32, or E4M3 codes shaped like the parameter, then
 with ``<moment>_amax`` fp32 and ``<moment>_k16`` uint8 per group); the step replaces FP8 entries with new

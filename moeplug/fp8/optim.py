@@ -50,7 +50,8 @@ class FP8AdamW(torch.optim.Optimizer):
             (:mod:`kernels._fp8_cpu`, compiled on first use), falling back to the torch path with one
             warning when it cannot be built; ``True``: the fused pass or an error; ``False``: the torch
             path (dequantise, :func:`adamw_math`, quantise); see :func:`kernels.fp8_adamw.fp8_adamw_step`.
-            The two agree to the last bit of ``log2`` / ``exp2``: a code may differ by one E4M3 step. CUDA parameters always take the torch path
+            The two agree to one E4M3 step per code (the fused step's log2/exp2 are polynomials with stated
+            error bounds, see ``kernels/_fp8_cpu.cpp``). CUDA parameters always take the torch path
             with its Triton (de)quantisation kernels.
 
     Quantisation runs through :mod:`kernels.fp8` (Triton kernels for CUDA tensors, torch on CPU).

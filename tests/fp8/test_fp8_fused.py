@@ -1,13 +1,21 @@
 """The fused C++ FP8AdamW step (kernels._fp8_cpu) against the torch reference path of FP8AdamW.
 
 The reference (dequantise -> adamw_math -> quantise in torch ops, itself tested against torch's AdamW and
-COAT's formulas) is the oracle. Both run the same fp32 arithmetic in the same order; they differ only in
-the last bit of log2/exp2 (SLEEF in the extension, MKL/SLEEF inside torch). Measured on 1.2M values over
-5 steps: a last-bit difference in an exponent such as log2|q|/k + log2(amax) - log2(448)/k (up to ~30 in
-size) is a ~1e-6 relative difference in the moment it produces, so parameters agree to ~2e-6 of lr and
-most bit for bit (99.5%); codes are equal in all but ~2e-6 of values (one E4M3 step apart); a group's
-exponent k16 differs in ~1e-4 of groups, where log2(max/min) falls on a 1/16 boundary and the last bits
-decide the floor.
+COAT's formulas) is the oracle. The fused step replaces the reference's per-value log2/exp2 with decode
+tables (exp2 polynomial, relative error < 1.7e-7, per group) and a log2 polynomial (absolute error < 4.5e-6)
+for the encode; the bounds below follow from those (see the header of kernels/_fp8_cpu.cpp):
+
+* decoded moments differ by a few 1e-7 relative (polynomial error plus the fp32 rounding of exponents up to
+  ~30 in size), so the updates, about lr in size, agree to ~1e-5 * lr, and each group's amax (the largest
+  updated moment) to ~1e-6 relative of the group's old amax: we allow 2e-5 relative;
+* the encode exponent y = k*log2|x| + offset differs by at most 16 * 4.5e-6 plus the moment's own relative
+  difference times k, far below the 0.096 that separates neighbouring E4M3 codes in y, so where k16 agrees a
+  code differs by at most one step, as long as the moment is not dominated by cancellation (lerp of a decoded
+  moment and a gradient of opposite sign: there the absolute error of the decoded moment, ~1e-6 * amax,
+  can flip a near-zero result's sign); we check every code whose reference moment is >= 1e-3 * amax, where
+  the relative error stays below 1e-3 (y error < 0.016);
+* k16 = floor(16 * range / log2(max/min)) differs, by one, only where that quotient lies within ~1e-5 of an
+  integer: measured ~1e-4 of groups over 1.2M values; we allow 0.5%.
 """
 
 import warnings
@@ -16,6 +24,7 @@ import pytest
 import torch
 
 from kernels import _fp8_cpu
+from kernels.fp8 import dequantize_fp8_expanded
 from moeplug.fp8 import FP8AdamW
 
 pytestmark = pytest.mark.skipif(_fp8_cpu.load_extension() is None, reason="no C++ compiler for the extension")
@@ -54,21 +63,24 @@ def test_one_step_from_the_same_state_matches_the_reference(group_size):
         opt.step()
         ref_opt.step()
         for p, q in zip(ours, ref):
-            # The moments agree to ~1e-6 relative (see the module docstring), so the updates (about lr in
-            # size) do too: measured largest difference 3.0e-6 * lr.
+            # The moments agree to a few 1e-7 relative (see the module docstring), so the updates (about lr
+            # in size) do too: measured largest difference 6e-6 * lr.
             torch.testing.assert_close(p, q, rtol=0, atol=1e-5 * hyper["lr"])
             ours_state, ref_state = opt.state[p], ref_opt.state[q]
             assert ours_state["step"] == ref_state["step"] == step + 1
             for key in ("exp_avg", "exp_avg_sq"):
                 assert ours_state[key].dtype == torch.float8_e4m3fn and ours_state[f"{key}_k16"].dtype == torch.uint8
-                # Measured: largest relative difference 5.3e-6 (the moments differ by that much).
+                # Measured: largest relative difference 4.1e-6 (see the module docstring).
                 torch.testing.assert_close(ours_state[f"{key}_amax"], ref_state[f"{key}_amax"], rtol=2e-5, atol=0)
-                same_k = ours_state[f"{key}_k16"] == ref_state[f"{key}_k16"]
-                assert same_k.float().mean() >= 0.995, key  # see the module docstring: floor boundaries
+                k_diff = ours_state[f"{key}_k16"].int() - ref_state[f"{key}_k16"].int()
+                assert k_diff.abs().max() <= 1 and (k_diff == 0).float().mean() >= 0.995, key  # floor boundaries
                 diff = (_codes(ours_state[key]) - _codes(ref_state[key])).abs()
                 n = diff.numel()
-                in_same_k = diff[same_k.repeat_interleave(group_size)[:n]]
-                assert in_same_k.max() <= 1 and (in_same_k > 0).float().mean() <= 1e-3, key
+                ref_moment = dequantize_fp8_expanded(ref_state[key], ref_state[f"{key}_amax"],
+                                                     ref_state[f"{key}_k16"], group_size).reshape(-1)
+                amax = ref_state[f"{key}_amax"].repeat_interleave(group_size)[:n]
+                checked = (k_diff == 0).repeat_interleave(group_size)[:n] & (ref_moment.abs() >= 1e-3 * amax)
+                assert diff[checked].max() <= 1 and (diff[checked] > 0).float().mean() <= 1e-3, key
 
 
 def test_training_matches_the_reference_path_and_resumes_bit_exactly(tmp_path):
