@@ -12,7 +12,7 @@ How tokens travel between the ranks of a layout is `moeplug.dispatch`.
 
 Across hosts, `ranks_per_node` (L) says how many consecutive world ranks share a host (torchrun gives
 each node a block of LOCAL_WORLD_SIZE consecutive ranks). When an EP group spans whole hosts
-(P > L, L divides P) the dispatch is hierarchical by default: one row per (token, destination host)
+(P > L > 1, L divides P) the dispatch is hierarchical by default: one row per (token, destination host)
 crosses to the same local rank on that host, which spreads it inside the host (`moeplug.dispatch`).
 """
 
@@ -48,8 +48,8 @@ class ExpertParallel:
         if self.ranks_per_node is not None and (self.ranks_per_node < 1 or (spans and self.ep_size % self.ranks_per_node)):
             raise ValueError(f"ranks_per_node={self.ranks_per_node} must be a positive integer dividing "
                              f"ep_size={self.ep_size} (an EP group spans whole hosts) or at least ep_size")
-        if self.hierarchical is None:
-            self.hierarchical = spans
+        if self.hierarchical is None:  # one rank per host has nothing to spread: the second hop would only cost
+            self.hierarchical = spans and self.ranks_per_node > 1
         elif self.hierarchical and not spans:
             raise ValueError(f"hierarchical dispatch needs an EP group spanning hosts: ep_size={self.ep_size}, "
                              f"ranks_per_node={self.ranks_per_node} (expected ep_size > ranks_per_node)")

@@ -20,6 +20,7 @@ from .cost import evaluate
 from .greedy import greedy_plan
 from .ilp import ilp_plan
 from .plan import Placement
+from ..state import moe_modules
 from .trace import RoutingTrace, record_routing
 
 PLANNERS = ("greedy", "ilp")
@@ -59,16 +60,19 @@ def measure(model: nn.Module, batches: list[torch.Tensor], ep_size: int) -> dict
 
 
 def make_plan(trace: RoutingTrace, ep_size: int, planner: str, replicas: int, traffic_model: str,
-              time_limit: float) -> Placement:
-    """Plan on rank 0 (the ILP's time limit makes it nondeterministic) and broadcast the plan."""
+              time_limit: float, ranks_per_node: int | None = None) -> Placement:
+    """Plan on rank 0 (the ILP's time limit makes it nondeterministic) and broadcast the plan.
+
+    With `ranks_per_node` (hosts of that many ranks) and the standard traffic model the ILP is node-aware.
+    """
     if planner not in PLANNERS:
         raise ValueError(f"planner={planner!r}; expected one of {PLANNERS}")
-    if planner == "ilp" and replicas:
-        raise ValueError("the ILP places one copy per expert; use planner='greedy' for replicas")
+    node_aware = ranks_per_node if traffic_model == "standard" else None
     box = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         plan = (greedy_plan(trace, ep_size, replicas, traffic_model) if planner == "greedy"
-                else ilp_plan(trace, ep_size, traffic_model, time_limit=time_limit))
+                else ilp_plan(trace, ep_size, traffic_model, time_limit=time_limit, replicas=replicas,
+                              ranks_per_node=node_aware))
         box = [plan.to_json()]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
@@ -82,11 +86,14 @@ def run_recipe(model: nn.Module, batches: list[torch.Tensor], held_out: list[tor
     """Trace `batches`, plan, apply; report predicted (on `batches`) and measured (on `held_out`) change.
 
     Predicted all-to-all times use rows of hidden_size values in the model's dtype and `bandwidth`
-    bytes/s per rank.
+    bytes/s per rank. When the model's EP groups span hosts (hierarchical dispatch), the ILP planner
+    with the standard traffic model places experts knowing the hosts (`ilp_plan(ranks_per_node=...)`).
     """
     before = current_placement(model)
     trace = collect_trace(model, batches)
-    plan = make_plan(trace, ep_size, planner, replicas, traffic_model, time_limit)
+    layout = next((layer.state.ep for layer in moe_modules(model)), None)
+    ranks_per_node = layout.ranks_per_node if layout is not None and layout.hierarchical else None
+    plan = make_plan(trace, ep_size, planner, replicas, traffic_model, time_limit, ranks_per_node)
     measured_before = measure(model, held_out, ep_size)
     apply_placement(model, plan, optimizer)
     measured_after = measure(model, held_out, ep_size)

@@ -43,6 +43,7 @@ def _layer_case(world: int, ep_size: int, options: dict) -> dict:
     per_choice = options.pop("per_choice_rows", False)
     if "ranks_per_node" in options:  # simulated hosts: hierarchical dispatch by default
         os.environ["MOEPLUG_RANKS_PER_NODE"] = str(options.pop("ranks_per_node"))
+        os.environ["MOEPLUG_DISPATCH"] = options.pop("dispatch", "auto")
     layer = _layer(ep_size, **options)
     layer.moeplug.ep.dedup = not per_choice
     if starve:
@@ -129,12 +130,14 @@ def _run(spawn, world: int, case: str, ep_size: int, options: dict, tmp_path) ->
     (2, 2, {"starve_last_rank": True}),
     (4, 4, {"per_choice_rows": True}),  # the non-deduplicating baseline dispatch
     (4, 4, {"ranks_per_node": 2}),  # hierarchical: 2 hosts x 2 ranks
-    (4, 2, {"ranks_per_node": 1, "capacity_factor": 0.75}),  # hierarchical: 2 EP groups of 2 hosts x 1 rank
+    # 2 EP groups of 2 hosts x 1 rank; hierarchical asked for (the default there is flat: nothing to spread)
+    (4, 2, {"ranks_per_node": 1, "dispatch": "hierarchical", "capacity_factor": 0.75}),
 ])
 def test_moe_layer_expert_parallel_matches_ep1(tmp_path, spawn, world, ep_size, options):
     results = _run(spawn, world, "layer", ep_size, options, tmp_path)
-    assert [r["hierarchical"] for r in results] == [options.get("ranks_per_node", ep_size) < ep_size] * world
-    test_only = ("starve_last_rank", "per_choice_rows", "ranks_per_node")
+    hierarchical = options.get("dispatch") == "hierarchical" or 1 < options.get("ranks_per_node", ep_size) < ep_size
+    assert [r["hierarchical"] for r in results] == [hierarchical] * world
+    test_only = ("starve_last_rank", "per_choice_rows", "ranks_per_node", "dispatch")
     reference = _layer(1, **{k: v for k, v in options.items() if k not in test_only})
     if options.get("starve_last_rank"):
         with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from moeplug.dispatch import allreduce_gradients
-from tests.distributed.test_expert_parallel_gloo import HIDDEN, _grads, _layer, _rank_tokens
+from tests.distributed.test_expert_parallel_gloo import HIDDEN, _layer, _layer_case
 from tests.multihost.harness import link_bytes
 
 BYTES_TOKENS = 512  # per rank, for the traffic measurement: payload >> per-message overhead
@@ -35,20 +35,11 @@ def _step_bytes(layer, rank: int) -> int:
 
 def _run(mode: str, world: int) -> dict:
     os.environ["MOEPLUG_DISPATCH"] = mode
-    rank = dist.get_rank()
+    result = _layer_case(world, world, {})  # output and gradients on the small tokens
     layer = _layer(world)
-    x, grad = _rank_tokens(rank % 4)
-    x.requires_grad_(True)
-    out = layer(x)
-    out.backward(grad)
-    grads = _grads(layer)
-    dist.all_reduce(grads["router.weight"])  # replicated parameters: sum over ranks
-    local = layer.moeplug.ep.local_experts
-    layer.zero_grad()
-    sent = _step_bytes(layer, rank)
+    sent = _step_bytes(layer, dist.get_rank())
     allreduce_gradients(layer)  # the gradient sync runs across hosts too
-    return {"out": out.detach(), "dx": x.grad, "grads": grads, "local_experts": (local.start, local.stop),
-            "hierarchical": layer.moeplug.ep.hierarchical, "link_tx": sent}
+    return {**result, "link_tx": sent}
 
 
 def main(out_dir: str) -> None:
