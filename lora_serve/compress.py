@@ -12,8 +12,7 @@ For fixed ``U, V`` the best core is the projection ``Σ_i = U^T ΔW_i V``, and t
 ``Σ_i ΔW_i^T U U^T ΔW_i``. We start from the top-``c`` eigenvectors of ``Σ_i ΔW_i ΔW_i^T`` and
 ``Σ_i ΔW_i^T ΔW_i`` (the joint SVD of all updates) and alternate; each half-step cannot lower the captured
 energy. With ``c`` >= the sum of the group's ranks the start already spans every update: lossless.
-Every product is formed from the factors (``B_i``, ``A_i``), never an ``[out, in]`` matrix per adapter,
-in float64.
+Every product is formed from the factors (``B_i``, ``A_i``), never an ``[out, in]`` matrix per adapter.
 
 Clusters (the paper's clustered variant): ``k`` groups, each with its own bases. Given groups are used as
 they are; otherwise k-subspaces: seed groups k-means++-style on sketches of the updates (each new seed the
@@ -40,35 +39,38 @@ from .collection import CompressedCollection, Group, read_adapters
 
 @dataclass(frozen=True)
 class Factors:
-    """One layer's updates of n adapters as zero-padded factors: ``ΔW_i = P[i] @ Q[i]`` (scale folded into P)."""
+    """One layer's updates of n adapters as zero-padded factors: ``ΔW_i = P[i] @ Q[i]`` (scale folded into P).
+
+    Float32 (the Gram products dominate the time; the subspaces they give are re-orthonormalised and the
+    cores computed in float64); ``energy`` holds ``||ΔW_i||_F²`` computed once, in float64.
+    """
 
     p: torch.Tensor  # [n, out, R]  s_i B_i, padded with zero columns to the largest rank R
     q: torch.Tensor  # [n, R, in]   A_i, padded with zero rows
     ranks: list[int]
+    energy: torch.Tensor  # [n] float64
 
     @classmethod
     def stack(cls, weights: list) -> Factors:
-        """Factors of ``LoRAWeights`` (``a [r, in]``, ``b [out, r]``, ``scale``) of one layer, in float64."""
+        """Factors of ``LoRAWeights`` (``a [r, in]``, ``b [out, r]``, ``scale``) of one layer."""
         top = max(w.rank for w in weights)
         out, fan_in = weights[0].b.shape[0], weights[0].a.shape[1]
-        p = torch.zeros(len(weights), out, top, dtype=torch.float64)
-        q = torch.zeros(len(weights), top, fan_in, dtype=torch.float64)
+        p = torch.zeros(len(weights), out, top)
+        q = torch.zeros(len(weights), top, fan_in)
         for i, w in enumerate(weights):
-            p[i, :, : w.rank] = w.b.double() * w.scale
-            q[i, : w.rank] = w.a.double()
-        return cls(p, q, [w.rank for w in weights])
+            p[i, :, : w.rank] = w.b.float() * w.scale
+            q[i, : w.rank] = w.a.float()
+        pd, qd = p.double(), q.double()  # trace((P^T P)(Q Q^T)) = ||P Q||²
+        energy = (pd.transpose(1, 2) @ pd * (qd @ qd.transpose(1, 2))).sum((1, 2))
+        return cls(p, q, [w.rank for w in weights], energy)
 
     def take(self, rows: list[int]) -> Factors:
         """The factors of the adapters at ``rows``."""
-        return Factors(self.p[rows], self.q[rows], [self.ranks[i] for i in rows])
-
-    def energy(self) -> torch.Tensor:
-        """``||ΔW_i||_F²`` per adapter: ``trace((P^T P)(Q Q^T))``."""
-        return (self.p.transpose(1, 2) @ self.p * (self.q @ self.q.transpose(1, 2))).sum((1, 2))
+        return Factors(self.p[rows], self.q[rows], [self.ranks[i] for i in rows], self.energy[rows])
 
     def cores(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``Σ_i = U^T ΔW_i V`` for every adapter: ``[n, c, c]``."""
-        return (u.t() @ self.p) @ (self.q @ v)
+        """``Σ_i = U^T ΔW_i V`` for every adapter, in float64: ``[n, c, c]``."""
+        return (u.t() @ self.p.double()) @ (self.q.double() @ v)
 
 
 def _top_eigenvectors(gram: torch.Tensor, c: int) -> torch.Tensor:
@@ -82,7 +84,7 @@ def _top_eigenvectors(gram: torch.Tensor, c: int) -> torch.Tensor:
     return torch.linalg.qr(vectors[:, -c:].flip(1).double())[0]
 
 
-def fit_bases(f: Factors, c: int, iterations: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_bases(f: Factors, c: int, iterations: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal ``U [out, c]``, ``V [in, c]`` maximising ``Σ_i ||U^T ΔW_i V||²`` (module docstring)."""
     n, out, _ = f.p.shape
     fan_in = f.q.shape[2]
@@ -91,11 +93,11 @@ def fit_bases(f: Factors, c: int, iterations: int = 4) -> tuple[torch.Tensor, to
     pg = f.p @ (f.q @ f.q.transpose(1, 2))  # [n, out, R]: Σ ΔW ΔW^T = Σ P (Q Q^T) P^T
     u = _top_eigenvectors(pg.transpose(0, 1).reshape(out, -1) @ f.p.transpose(0, 1).reshape(out, -1).t(), c)
     qg = f.q.transpose(1, 2) @ (f.p.transpose(1, 2) @ f.p)  # [n, in, R]: Σ ΔW^T ΔW = Σ Q^T (P^T P) Q
-    v = _top_eigenvectors(qg.transpose(0, 1).reshape(fan_in, -1) @ f.q.permute(2, 0, 1).reshape(fan_in, -1).t(), c)
+    v = _top_eigenvectors(qg.transpose(0, 1).reshape(fan_in, -1) @ f.q.reshape(-1, fan_in), c)
     for _ in range(iterations):
-        x = (f.p @ (f.q @ v)).transpose(0, 1).reshape(out, n * c)  # [ΔW_1 V, ..., ΔW_n V]
+        x = (f.p @ (f.q @ v.float())).transpose(0, 1).reshape(out, n * c)  # [ΔW_1 V, ..., ΔW_n V]
         u = _top_eigenvectors(x @ x.t(), c)
-        y = ((u.t() @ f.p) @ f.q).permute(2, 0, 1).reshape(fan_in, n * c)  # [ΔW_1^T U, ...]
+        y = ((u.float().t() @ f.p) @ f.q).permute(2, 0, 1).reshape(fan_in, n * c)  # [ΔW_1^T U, ...]
         v = _top_eigenvectors(y @ y.t(), c)
     return u, v
 
@@ -113,7 +115,7 @@ def _fit_group(layers: dict[str, Factors], rows: list[int], rank, iterations: in
         f = factors.take(rows)
         u, v = fit_bases(f, shared_rank(rank, f), iterations)
         cores = f.cores(u, v)
-        residual = (f.energy() - cores.square().sum((1, 2))).clamp_min(0)
+        residual = (f.energy - cores.square().sum((1, 2))).clamp_min(0)
         fitted[module] = (u, v, cores, residual)
     return fitted
 
@@ -124,8 +126,9 @@ def _shares(layers: dict[str, Factors], groups: list[list[int]], rank, iteration
     captured = torch.zeros(len(groups), n, dtype=torch.float64)
     for g, rows in enumerate(groups):
         for module, (u, v, _, _) in _fit_group(layers, rows, rank, iterations).items():
-            captured[g] += layers[module].cores(u, v).square().sum((1, 2))
-    return captured / sum(f.energy() for f in layers.values()).clamp_min(1e-300)
+            f = layers[module]  # float32 is plenty to rank the groups
+            captured[g] += ((u.float().t() @ f.p) @ (f.q @ v.float())).square().sum((1, 2)).double()
+    return captured / sum(f.energy for f in layers.values()).clamp_min(1e-300)
 
 
 def _sketches(layers: dict[str, Factors], seed: int) -> torch.Tensor:
@@ -140,7 +143,7 @@ def _sketches(layers: dict[str, Factors], seed: int) -> torch.Tensor:
     return sketch / sketch.norm(dim=1, keepdim=True).clamp_min(1e-300)
 
 
-def cluster(layers: dict[str, Factors], k: int, rank, rounds: int = 4, seed: int = 0) -> list[list[int]]:
+def cluster(layers: dict[str, Factors], k: int, rank, rounds: int = 3, seed: int = 0) -> list[list[int]]:
     """Split the adapters into ``k`` groups by k-subspaces (module docstring); lists of adapter positions.
 
     Seeds k-means++-style (deterministically: each next seed the adapter least similar to the seeds so far,
@@ -154,7 +157,7 @@ def cluster(layers: dict[str, Factors], k: int, rank, rounds: int = 4, seed: int
     if k == 1:
         return [list(range(n))]
     sketch = _sketches(layers, seed)
-    seeds = [int(sum(f.energy() for f in layers.values()).argmax())]
+    seeds = [int(sum(f.energy for f in layers.values()).argmax())]
     while len(seeds) < k:
         similar = (sketch @ sketch[seeds].t()).abs().max(1).values
         similar[seeds] = float("inf")
@@ -178,7 +181,7 @@ def cluster(layers: dict[str, Factors], k: int, rank, rounds: int = 4, seed: int
     return groups
 
 
-def compress(adapters: dict, rank: int | str, clusters: int | list[list[str]] = 1, iterations: int = 4,
+def compress(adapters: dict, rank: int | str, clusters: int | list[list[str]] = 1, iterations: int = 2,
              base_model: str | None = None) -> CompressedCollection:
     """Compress ``adapters`` (name -> ``Adapter`` with the same linears) into a ``CompressedCollection``.
 
@@ -207,7 +210,7 @@ def compress(adapters: dict, rank: int | str, clusters: int | list[list[str]] = 
             cores={m: cores.float() for m, (_, _, cores, _) in fitted.items()},
         ))
         for j, i in enumerate(rows):
-            energy = {m: float(layers[m].energy()[i]) for m in modules}
+            energy = {m: float(layers[m].energy[i]) for m in modules}
             residual = {m: float(fitted[m][3][j]) for m in modules}
             errors[names[i]] = {
                 "relative_error": (sum(residual.values()) / max(sum(energy.values()), 1e-300)) ** 0.5,
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rank", required=True, help="shared rank per group and layer, or 'lossless' (sum of ranks)")
     p.add_argument("--clusters", type=_clusters_arg, default=1,
                    help="number of groups (found automatically) or a JSON file listing the groups (default: 1)")
-    p.add_argument("--iterations", type=int, default=4, help="alternating U/V refinements (default: %(default)s)")
+    p.add_argument("--iterations", type=int, default=2, help="alternating U/V refinements (default: %(default)s)")
     args = p.parse_args(argv)
     if args.rank != "lossless" and not args.rank.isdigit():
         p.error(f"--rank must be a positive integer or 'lossless', got {args.rank!r}")

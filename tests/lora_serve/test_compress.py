@@ -78,7 +78,7 @@ def test_alternation_captures_no_less_than_the_joint_svd_start():
     f = Factors.stack([a.modules["l0.o"] for a in adapters])
     captured = [float(f.cores(*fit_bases(f, 5, iterations)).square().sum()) for iterations in (0, 1, 4)]
     assert captured[0] <= captured[1] * (1 + 1e-12) and captured[1] <= captured[2] * (1 + 1e-12)
-    assert captured[2] < float(f.energy().sum())  # c = 5 < 30: lossy, so the test can tell
+    assert captured[2] < float(f.energy.sum())  # c = 5 < 30: lossy, so the test can tell
 
 
 def test_reported_errors_equal_the_rebuilt_updates():

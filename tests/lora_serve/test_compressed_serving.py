@@ -75,9 +75,11 @@ def _generate(engine, jobs):
     return [r.token_ids for r in results]
 
 
-def test_lossless_collection_serves_peft_tokens_in_mixed_batches(served, lora):
+def test_lossless_collection_serves_peft_tokens_in_mixed_batches(served, lora, device):
+    # On a GPU (the `device` fixture, tests/conftest.py) uncompressed rows run the Triton LoRA kernels and
+    # compressed rows cuBLAS; the oracle stays PEFT on the CPU.
     base, paths, root = served
-    engine = _engine(base)
+    engine = _engine(base, device=device)
     infos = engine.add_adapter_collection(root / "lossless")
     assert [i.name for i in infos] == list(RANKS)
     engine.add_adapter("plain", paths["plain"])
