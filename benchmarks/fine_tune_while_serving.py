@@ -124,6 +124,7 @@ def run_scenario(args, base, adapters, trace, name: str, slo) -> dict:
         trainer = tuner.current[1]
         result["train_tokens_per_s"] = (trainer.trained_tokens - tokens_before) / run["seconds"]
         result["optimizer_steps"] = trainer.step
+        result["training_stats"] = dict(tuner.stats)  # micro-batches, tokens, seconds while idle / busy
     result["runs"] = run
     return result
 

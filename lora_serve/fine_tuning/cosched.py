@@ -3,7 +3,7 @@
 Attached to an ``Engine`` (``engine.attach_background``), it runs at the end of every ``Engine.step``, after
 the step's inference work, with a ``StepReport`` of that work. It gives the running job one micro-batch of
 at most ``training_budget(...)`` tokens: the step's unused token budget, cut further by the SLO targets
-(``FineTuningConfig``) using the measured seconds per training token: with requests running, to the time
+(``FineTuningConfig``) using the measured cost of training micro-batches (``CostModel``): with requests running, to the time
 the ITL target leaves after the step's inference; idle, to the TTFT target less an inference step (a request
 arriving meanwhile waits for the micro-batch, then needs its prefill). Waiting requests stop training for the
 step (their time to first token comes first). With no inference at all the job gets the whole step budget,
@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import replace
+
+import torch
 
 from ..engine import StepReport
 from .config import FineTuningConfig
@@ -30,7 +33,33 @@ from .trainer import LoRATrainer, TrainingError
 logger = logging.getLogger(__name__)
 
 
-def training_budget(report: StepReport, cost: int, config: FineTuningConfig, seconds_per_token: float | None,
+class CostModel:
+    """Seconds a training micro-batch of ``n`` tokens takes: ``fixed + per_token * n``, least squares over the
+    last ``window`` micro-batches. A per-token average alone would charge small micro-batches' fixed cost
+    (hooks, attention switch, Python) to every token and, in a time budget, keep them small."""
+
+    def __init__(self, window: int = 32):
+        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
+
+    def add(self, tokens: int, seconds: float) -> None:
+        """Record one micro-batch."""
+        self.samples.append((tokens, seconds))
+
+    def tokens_within(self, seconds: float) -> int | None:
+        """Most tokens one micro-batch can run in ``seconds`` (None before any measurement)."""
+        if not self.samples:
+            return None
+        n = torch.tensor([t for t, _ in self.samples], dtype=torch.float64)
+        y = torch.tensor([s for _, s in self.samples], dtype=torch.float64)
+        fixed, per_token = 0.0, float(y.sum() / n.sum())
+        if n.unique().numel() > 1:  # two sizes at least: fit the line, keeping both terms non-negative
+            slope = float(((n - n.mean()) * (y - y.mean())).sum() / ((n - n.mean()) ** 2).sum())
+            if slope > 0:
+                fixed, per_token = max(0.0, float(y.mean()) - slope * float(n.mean())), slope
+        return int(max(0.0, seconds - fixed) / per_token)
+
+
+def training_budget(report: StepReport, cost: int, config: FineTuningConfig, cost_model: CostModel,
                     inference_step_s: float = 0.0):
     """Tokens the job may run after this step's inference, or None to skip training this step.
 
@@ -43,9 +72,9 @@ def training_budget(report: StepReport, cost: int, config: FineTuningConfig, sec
     limit = report.max_batch_tokens if idle else report.max_batch_tokens - report.inference_tokens
     # Idle: a request arriving now waits for the micro-batch, then for its own prefill step.
     target = (config.slo_ttft_s and config.slo_ttft_s - inference_step_s) if idle else config.slo_itl_s
-    if target is not None and seconds_per_token:
-        spare = target - (0 if idle else report.inference_seconds)
-        limit = min(limit, int(max(0.0, spare) / seconds_per_token))
+    fits = None if target is None else cost_model.tokens_within(target - (0 if idle else report.inference_seconds))
+    if fits is not None:
+        limit = min(limit, fits)
     if idle:
         return max(limit, cost)
     return limit if limit >= cost else None
@@ -58,8 +87,11 @@ class FineTuner:
         self.engine, self.config = engine, config
         self.jobs = JobStore(config.jobs_dir)
         self.current: tuple[str, LoRATrainer] | None = None
-        self.seconds_per_token: float | None = None  # running mean of the training micro-batches
+        self.cost = CostModel()
         self.inference_step_s = 0.0  # running mean of the steps that did inference work
+        # What training got, by whether requests were running: micro-batches, tokens, seconds; steps skipped.
+        self.stats = {f"{k}_{s}": 0 for k in ("micro_batches", "tokens", "seconds") for s in ("idle", "busy")}
+        self.stats["skipped"] = 0
         self._wake = True
 
     def wake(self) -> None:
@@ -84,21 +116,24 @@ class FineTuner:
             if self.jobs.cancel_requested(job_id):
                 self._end(job_id, "cancelled", "The job was cancelled")
                 return
-            budget = training_budget(report, trainer.next_cost(), self.config, self.seconds_per_token,
-                                     self.inference_step_s)
-            if budget is not None:
-                self._train(job_id, trainer, budget)
+            budget = training_budget(report, trainer.next_cost(), self.config, self.cost, self.inference_step_s)
+            if budget is None:
+                self.stats["skipped"] += 1
+            else:
+                self._train(job_id, trainer, budget, "idle" if report.running == 0 else "busy")
         except Exception as err:  # noqa: BLE001 - the job fails, the engine goes on serving
             logger.exception("fine-tuning job %s failed", job_id)
             code = "training_error" if isinstance(err, (TrainingError, DataError)) else "internal_error"
             self._end(job_id, "failed", f"{type(err).__name__}: {err}", code)
 
-    def _train(self, job_id: str, trainer: LoRATrainer, budget: int) -> None:
+    def _train(self, job_id: str, trainer: LoRATrainer, budget: int, phase: str) -> None:
         step = trainer.step
         start = time.perf_counter()
         tokens = trainer.run_micro_batch(budget)
-        spent = (time.perf_counter() - start) / tokens
-        self.seconds_per_token = spent if self.seconds_per_token is None else 0.8 * self.seconds_per_token + 0.2 * spent
+        seconds = time.perf_counter() - start
+        for key, value in (("micro_batches", 1), ("tokens", tokens), ("seconds", seconds)):
+            self.stats[f"{key}_{phase}"] += value
+        self.cost.add(tokens, seconds)
         if trainer.step == step:
             return
         state = self.jobs.state(job_id)

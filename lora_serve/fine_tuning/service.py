@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 import time
 from ..adapter_store import AdapterError
 from .config import FineTuningConfig
@@ -54,7 +55,7 @@ class FineTuningService:
         job_id = JobStore.new_id()
         spec = JobSpec(id=job_id, created_at=int(time.time()), model=model, training_file=training_file,
                        validation_file=validation_file, suffix=suffix,
-                       seed=seed if seed is not None else int.from_bytes(job_id.encode()[-4:], "big") % 2**31,
+                       seed=seed if seed is not None else secrets.randbelow(2**31),
                        lora=lora, **hyperparameters)
         self.jobs.create(spec, data["training_file"], data.get("validation_file"))
         self.engine.wake_background()

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from lora_serve import Engine, EngineConfig, SamplingParams
 from lora_serve.engine import StepReport
 from lora_serve.fine_tuning import FineTuner, FineTuningConfig, FineTuningService
-from lora_serve.fine_tuning.cosched import training_budget
+from lora_serve.fine_tuning.cosched import CostModel, training_budget
 from lora_serve.fine_tuning.data import tokenize
 
 
@@ -73,19 +73,32 @@ def _report(tokens=0, seconds=0.0, running=0, waiting=0, budget=256):
     return StepReport(tokens, seconds, running, waiting, budget)
 
 
+def _costs(*samples):
+    model = CostModel()
+    for tokens, seconds in samples:
+        model.add(tokens, seconds)
+    return model
+
+
 def test_training_gets_what_inference_leaves_and_the_slo_allows(tmp_path):
     free = FineTuningConfig(root=tmp_path)
     slo = FineTuningConfig(root=tmp_path, slo_itl_s=0.05, slo_ttft_s=0.2)
-    assert training_budget(_report(), 40, free, None) == 256  # idle: the whole step
-    assert training_budget(_report(running=3, tokens=200), 40, free, None) == 56  # what inference left
-    assert training_budget(_report(running=3, tokens=230), 40, free, None) is None  # not even one example fits
-    assert training_budget(_report(running=3, tokens=10, waiting=1), 40, free, None) is None  # queued requests first
-    # 1 ms per training token: 50 ms ITL minus a 20 ms inference step leaves 30 tokens (< 40: skip the step)
-    assert training_budget(_report(running=3, tokens=10, seconds=0.02), 40, slo, 1e-3) is None
-    assert training_budget(_report(running=3, tokens=10, seconds=0.005), 40, slo, 1e-3) == 45
+    unmeasured, per_ms = CostModel(), _costs((40, 0.04))  # 1 ms per token, no fixed cost seen yet
+    assert training_budget(_report(), 40, free, unmeasured) == 256  # idle: the whole step
+    assert training_budget(_report(running=3, tokens=200), 40, free, unmeasured) == 56  # what inference left
+    assert training_budget(_report(running=3, tokens=230), 40, free, unmeasured) is None  # not one example fits
+    assert training_budget(_report(running=3, tokens=10, waiting=1), 40, free, unmeasured) is None  # queue first
+    # 50 ms ITL minus a 20 ms inference step leaves 30 tokens (< 40: skip the step), minus 5 ms leaves 45
+    assert training_budget(_report(running=3, tokens=10, seconds=0.02), 40, slo, per_ms) is None
+    assert training_budget(_report(running=3, tokens=10, seconds=0.005), 40, slo, per_ms) == 45
     # idle: the TTFT target less an inference step (20 ms): 180 tokens, and always at least one example
-    assert training_budget(_report(), 40, slo, 1e-3, inference_step_s=0.02) == 180
-    assert training_budget(_report(), 300, slo, 1e-3, inference_step_s=0.02) == 300
+    assert training_budget(_report(), 40, slo, per_ms, inference_step_s=0.02) == 180
+    assert training_budget(_report(), 300, slo, per_ms, inference_step_s=0.02) == 300
+
+
+def test_the_cost_model_separates_fixed_and_per_token_cost():
+    model = _costs((30, 0.035), (60, 0.045), (120, 0.065))  # 25 ms + 1/3 ms per token
+    assert model.tokens_within(0.055) == pytest.approx(90, abs=1)  # the per-token mean (0.69 ms) would say 79
 
 
 def test_loss_masks_cover_assistant_turns_and_completions(serve):
