@@ -13,7 +13,7 @@ process takes commands between steps). Scenarios, in one process on the same wei
 SLO: a request meets it when its TTFT <= ``--slo-ttft`` and its mean inter-token latency <= ``--slo-itl``.
 Both come from the inference-alone run (``--slo-factor`` x its p90, default 3), so the targets scale with
 the machine (absolute times on a shared 2-core box are noise); the question is how much training costs
-the attainment. ``busy_fraction``: share of the run spent in steps that served requests. Training tokens/s = tokens the job ran (padded micro-batches, forward + backward) / s.
+the attainment. The four scenarios run in rounds (``--repeats``, default 3): medians, each run in the JSON. ``busy_fraction``: share of the run spent in steps that served requests. Training tokens/s = tokens the job ran (padded micro-batches, forward + backward) / s.
 
     .venv/bin/python benchmarks/fine_tune_while_serving.py --smoke
     .venv/bin/python benchmarks/fine_tune_while_serving.py --json benchmarks/results/fine_tune_while_serving.json
@@ -132,37 +132,42 @@ def run_scenario(args, base, adapters, trace, name: str, slo) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rate", type=float, default=1.0, help="requests per second (Poisson)")
-    p.add_argument("--trace-requests", type=int, default=40)
+    p.add_argument("--trace-requests", type=int, default=30)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--max-batch-tokens", type=int, default=512)
     p.add_argument("--train-len", type=int, default=32, help="characters (tokens) per training example")
     p.add_argument("--train-batch", type=int, default=4)
     p.add_argument("--slo-factor", type=float, default=3.0, help="SLO targets = factor x inference-alone p90")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of all four scenarios (medians reported)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--smoke", action="store_true", help="a few requests, seconds")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     if args.smoke:
-        args.trace_requests, args.rate = 6, 6.0
+        args.trace_requests, args.rate, args.repeats = 6, 6.0, 1
     torch.set_num_threads(args.threads)
     base = base_model("tiny")
     rng = np.random.default_rng(0)
+    names = ("inference-alone", "training-alone", "co-served", "co-served-no-slo")
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    slo = None
     with tempfile.TemporaryDirectory() as tmp:
-        names = write_adapters(base, 4, Path(tmp))
-        adapters = {f"a{i}": path for i, path in enumerate(names)}
+        paths = write_adapters(base, 4, Path(tmp))
+        adapters = {f"a{i}": path for i, path in enumerate(paths)}
         trace = make_trace(args, 4, list(adapters), base.config.vocab_size, rng)
-        results = {"inference-alone": run_scenario(args, base, adapters, trace, "inference-alone", None)}
-        alone = summarize(results["inference-alone"]["runs"], float("inf"), float("inf"))
-        slo = (args.slo_factor * alone["ttft_p90"], args.slo_factor * alone["itl_p90"])
-        for name in ("training-alone", "co-served", "co-served-no-slo"):
-            results[name] = run_scenario(args, base, adapters, trace, name, slo)
+        for _ in range(args.repeats):  # rounds of all scenarios: the machine's load drifts between rounds
+            for name in names:
+                runs[name].append(run_scenario(args, base, adapters, trace, name, slo))
+                if slo is None:  # the targets come from the first inference-alone run
+                    alone = summarize(runs[name][0]["runs"], float("inf"), float("inf"))
+                    slo = (args.slo_factor * alone["ttft_p90"], args.slo_factor * alone["itl_p90"])
     rows = {}
-    for name, result in results.items():
-        row = {k: v for k, v in result.items() if k != "runs"}
-        if name != "training-alone":
-            row.update(summarize(result["runs"], *slo))
-        rows[name] = row
+    for name, results in runs.items():
+        per_run = [{k: v for k, v in r.items() if k != "runs"} | ({} if name == "training-alone" else
+                   summarize(r["runs"], *slo)) for r in results]
+        numbers = [k for k, v in per_run[0].items() if isinstance(v, (int, float))]
+        rows[name] = {k: float(np.median([r[k] for r in per_run])) for k in numbers} | {"repeats": per_run}
     alone_train = rows["training-alone"]["train_tokens_per_s"]
     for name in ("co-served", "co-served-no-slo"):
         rows[name]["train_vs_alone"] = rows[name]["train_tokens_per_s"] / alone_train
