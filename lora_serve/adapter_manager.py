@@ -6,14 +6,16 @@ Registration validates an adapter's files against the base model and keeps its w
 calls these under its lock; only ``load`` (file IO and validation) runs outside it.
 
 A compressed collection (``collection.py``) registers each of its adapters by name; its groups' shared
-bases go into the pool at once and stay there while any adapter of the group is registered, its adapters'
-cores are paged like any adapter (``shared_lora.py``).
+bases go into the pool at once and stay there while any adapter of the collection is registered, its
+adapters' cores are paged like any adapter (``shared_lora.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from .adapter_store import Adapter, AdapterError, AdapterStore
 from .collection import CompressedCollection
@@ -47,7 +49,7 @@ class AdapterManager:
         self.residency = AdapterResidency(runner.pool, runner.lora_layers, config.max_resident_adapters,
                                           runner.shared_layers)
         self._runner = runner
-        self._groups: dict[int, tuple[dict, set[str]]] = {}  # group key -> (module -> basis slots, adapters)
+        self._groups: dict[int, tuple[dict, set[str]]] = {}  # collection key -> (module -> basis slots, adapters)
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
@@ -76,7 +78,7 @@ class AdapterManager:
 
     def unregister(self, name: str) -> None:
         """Free adapter ``name``'s pool slots and forget it (no request may use it any more); the last adapter
-        of a compressed group frees the group's bases too."""
+        of a compressed collection frees its bases too."""
         self.residency.evict(name)
         adapter = self.store.remove(name)
         first = next(iter(adapter.modules.values()))
@@ -87,7 +89,7 @@ class AdapterManager:
                 self._free_group(first.group)
 
     def _free_group(self, key: int) -> None:
-        """Release compressed group ``key``'s bases (it has no registered adapter)."""
+        """Release compressed collection ``key``'s bases (it has no registered adapter)."""
         bases, _ = self._groups.pop(key)
         for module, slots in bases.items():
             self._runner.shared_layers[module].clear_group(key)
@@ -95,7 +97,7 @@ class AdapterManager:
 
     def register_collection(self, collection: CompressedCollection, path: str, free_slots: int) -> list[AdapterInfo]:
         """Register every adapter of a compressed ``collection`` (read from ``path``) by its name, putting its
-        groups' bases into the pool (at most ``free_slots`` slots); ``AdapterError`` if it does not fit the
+        groups' bases (side by side) into the pool (at most ``free_slots`` slots); ``AdapterError`` if it does not fit the
         base model, a name is taken or there is no room. A failure leaves nothing registered."""
         label = f"adapter collection {Path(path).name!r}"
         linears = self.store.linears  # read before any linear was wrapped
@@ -107,41 +109,38 @@ class AdapterManager:
         taken = [n for n in collection.names() if n in self.store]
         if taken:
             raise AdapterError(f"{label}: adapter name {taken[0]!r} is already registered")
-        keys = [k for k in range(self.residency.capacity) if k not in self._groups][: len(collection.groups)]
-        if len(keys) < len(collection.groups):
-            raise AdapterError(f"{label} has {len(collection.groups)} groups; {len(keys)} more fit "
-                               f"(max_resident_adapters={self.residency.capacity} groups in all)")
-        needed = sum(self._runner.adapt_shared(m).bases.slots_needed(u.shape[1])
-                     for group in collection.groups for m, (u, _) in group.bases.items())
+        key = next((k for k in range(self.residency.capacity) if k not in self._groups), None)
+        if key is None:
+            raise AdapterError(f"{label}: {len(self._groups)} collections are registered, the most "
+                               f"max_resident_adapters={self.residency.capacity} allows")
+        bases = _side_by_side(collection)
+        needed = sum(self._runner.adapt_shared(m).bases.slots_needed(u.shape[1]) for m, (u, _, _) in bases.items())
         if needed > free_slots:
             raise AdapterError(f"{label}: its shared bases need {needed} pool slots, {free_slots} are free")
-        added = []
+        self._groups[key] = (self._load_bases(key, bases), set())
         try:
-            for key, group in zip(keys, collection.groups):
-                self._groups[key] = (self._load_bases(key, group.bases), set())
+            for block, group in enumerate(collection.groups):
                 for j, name in enumerate(group.names):
-                    modules = {m: CoreWeights(cores[j].to(self._runner.model.dtype).contiguous(), key)
+                    modules = {m: CoreWeights(_padded(cores[j], bases[m][2]).to(self._runner.model.dtype), key, block)
                                for m, cores in group.cores.items()}
                     self.store.add(Adapter(name, f"{path}#{name}", modules, digest=f"{path}#{key}#{name}"))
                     self._groups[key][1].add(name)
-                    added.append(name)
         except AdapterError:
-            for name in added:
+            for name in list(self._groups[key][1]):
                 self.unregister(name)
-            for key in keys:
-                if key in self._groups:  # bases loaded, no adapter added
-                    self._free_group(key)
+            if key in self._groups:  # bases loaded, no adapter added
+                self._free_group(key)
             raise
-        return [self.info(name) for name in added]
+        return [self.info(name) for name in collection.names()]
 
     def _load_bases(self, key: int, bases: dict) -> dict:
-        """Copy one group's bases into the pool as group ``key`` of every linear's tables; their slots."""
+        """Copy a collection's bases into the pool as collection ``key`` of every linear's tables; their slots."""
         pool, slots_of = self._runner.pool, {}
-        for module, (u, v) in bases.items():
+        for module, (u, v, width) in bases.items():
             tables = self._runner.shared_layers[module]
             slots = pool.allocate_run(tables.bases.slots_needed(u.shape[1]), SlotOwner.ADAPTER)
             pool.slots[slots.to(pool.slots.device)] = tables.basis_rows(u, v).to(pool.slots)
-            tables.set_group(key, slots, u.shape[1])
+            tables.set_group(key, slots, u.shape[1], width)
             slots_of[module] = slots
         return slots_of
 
@@ -170,3 +169,20 @@ class AdapterManager:
 
 def _shape(shape) -> str:
     return f"{shape.in_features} -> {shape.out_features}"
+
+
+def _side_by_side(collection: CompressedCollection) -> dict[str, tuple]:
+    """Per linear, ``(U [out, K c], V [in, K c], c)``: the K groups' bases in blocks of ``c`` = the widest
+    group's rank, narrower ones zero-padded (zero columns add nothing)."""
+    out = {}
+    for module in collection.modules:
+        pairs = [group.bases[module] for group in collection.groups]
+        c = max(u.shape[1] for u, _ in pairs)
+        pad = lambda t: torch.nn.functional.pad(t, (0, c - t.shape[1]))  # noqa: E731
+        out[module] = (torch.cat([pad(u) for u, _ in pairs], 1), torch.cat([pad(v) for _, v in pairs], 1), c)
+    return out
+
+
+def _padded(core: torch.Tensor, c: int) -> torch.Tensor:
+    """``core`` zero-padded to ``[c, c]``."""
+    return torch.nn.functional.pad(core, (0, c - core.shape[1], 0, c - core.shape[0])).contiguous()

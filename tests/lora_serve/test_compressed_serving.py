@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kernels.lora_shared import add_shared_lora
+from kernels.lora_shared import add_shared_lora, add_shared_lora_runs
 from lora_serve import AdapterError, Engine, EngineConfig, SamplingParams
 from lora_serve.cli import build_engine, parse_args
 from lora_serve.collection import CompressedCollection, read_adapters
@@ -28,23 +28,29 @@ NEW = 8
 
 
 @pytest.mark.parametrize("rows", [1, 7, 100])
-def test_shared_basis_op_equals_dense_rows(rows):
+def test_shared_basis_ops_equal_dense_rows(rows):
     g = torch.Generator().manual_seed(rows)
-    fan_in, out, c, n = 37, 53, 5, 4
-    u, v = torch.randn(out, c, generator=g), torch.randn(fan_in, c, generator=g)
+    fan_in, out, c, k, n = 37, 53, 5, 3, 4
+    u, v = torch.randn(out, k * c, generator=g), torch.randn(fan_in, k * c, generator=g)  # k groups side by side
     cores = torch.randn(n, c, c, generator=g)
+    group = torch.randint(0, k, (n,), generator=g)
     x, y = torch.randn(rows, fan_in, generator=g), torch.randn(rows, out, generator=g)
-    which = torch.randint(-1, n, (rows,), generator=g)  # -1: a row outside the group
-    row_cores = cores[which.clamp_min(0)].clone()
-    row_cores[which < 0] = float("nan")  # stale pool values must not leak into other rows
+    which = torch.randint(-1, n, (rows,), generator=g).sort().values  # -1: a row outside the collection
     expected = y.clone()
     for t in range(rows):
         if which[t] >= 0:
-            expected[t] += x[t] @ (u @ cores[which[t]] @ v.t()).t()
-    got = add_shared_lora(y, x, v, u.t().contiguous(), row_cores, which >= 0)
-    assert got is y
+            cols = slice(int(group[which[t]]) * c, int(group[which[t]] + 1) * c)
+            expected[t] += x[t] @ (u[:, cols] @ cores[which[t]] @ v[:, cols].t()).t()
+    row_cores = cores[which.clamp_min(0)].clone()
+    row_cores[which < 0] = float("nan")  # stale pool values must not leak into other rows
+    blocks = torch.where(which >= 0, group[which.clamp_min(0)], 0)
+    got = add_shared_lora(y.clone(), x, v, u.t().contiguous(), row_cores, blocks, which >= 0)
+    runs = [(int(torch.nonzero(which == a).min()), int(torch.nonzero(which == a).max()) + 1, int(group[a]), cores[a])
+            for a in range(n) if (which == a).any()]
+    by_runs = add_shared_lora_runs(y.clone(), x, v, u.t().contiguous(), runs)
     # fp32: both sides sum c + fan_in products of O(1) terms; error ~ eps32 * (fan_in * c) * |terms|
-    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(by_runs, expected, rtol=1e-4, atol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +65,8 @@ def served(tmp_path_factory, lora):
     adapters, _ = read_adapters({n: paths[n] for n in RANKS})
     compress(adapters, "lossless").save(root / "lossless")
     compress(adapters, 3, clusters=[["c0", "c2"], ["c1"]]).save(root / "lossy")
+    for prefix in ("x", "y"):
+        compress({f"{prefix}-{n}": a for n, a in adapters.items()}, 2).save(root / f"renamed-{prefix}")
     return base, paths, root
 
 
@@ -141,16 +149,17 @@ def test_bad_collections_leave_the_engine_unchanged(served, lora):
 
 def test_removing_every_adapter_frees_the_bases(served):
     base, _, root = served
-    engine = _engine(base, max_resident_adapters=2)  # 2 groups at most, and evictions of cores
+    engine = _engine(base, max_resident_adapters=2)  # 2 collections at most, and evictions of cores
     engine.add_adapter_collection(root / "lossy")
     assert engine.pool_stats().adapters > 0  # the bases
     _generate(engine, _jobs([*RANKS, "c0"]))
     for name in RANKS:
         engine.remove_adapter(name)
     assert engine.pool_stats().adapters == 0 and engine.list_adapters() == []
-    assert len(engine.add_adapter_collection(root / "lossy")) == 3  # the group keys are free again
-    with pytest.raises(AdapterError, match="2 groups; 1 more fit"):
-        _engine(base, max_resident_adapters=1).add_adapter_collection(root / "lossy")
+    assert len(engine.add_adapter_collection(root / "lossy")) == 3  # the collection keys are free again
+    engine.add_adapter_collection(root / "renamed-x")
+    with pytest.raises(AdapterError, match="2 collections are registered"):
+        engine.add_adapter_collection(root / "renamed-y")
 
 
 def test_cli_serves_every_adapter_of_a_collection(served, tmp_path):
