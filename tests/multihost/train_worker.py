@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(args.out)
-    model = tiny_model("mixtral").train()
+    model = tiny_model("mixtral", num_local_experts=8).train()
     moeplug.patch_model(model, ep_size=world)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses = json.loads((out / "losses.json").read_text()) if args.resume else []
