@@ -49,7 +49,7 @@ class AdapterManager:
         self.residency = AdapterResidency(runner.pool, runner.lora_layers, config.max_resident_adapters,
                                           runner.shared_layers)
         self._runner = runner
-        self._groups: dict[int, tuple[dict, set[str]]] = {}  # collection key -> (module -> basis slots, adapters)
+        self._collections: dict[int, tuple[dict, set[str]]] = {}  # collection key -> (module -> basis slots, adapters)
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
@@ -83,16 +83,16 @@ class AdapterManager:
         adapter = self.store.remove(name)
         first = next(iter(adapter.modules.values()))
         if isinstance(first, CoreWeights):
-            bases, names = self._groups[first.group]
+            bases, names = self._collections[first.collection]
             names.discard(name)
             if not names:
-                self._free_group(first.group)
+                self._free_collection(first.collection)
 
-    def _free_group(self, key: int) -> None:
+    def _free_collection(self, key: int) -> None:
         """Release compressed collection ``key``'s bases (it has no registered adapter)."""
-        bases, _ = self._groups.pop(key)
+        bases, _ = self._collections.pop(key)
         for module, slots in bases.items():
-            self._runner.shared_layers[module].clear_group(key)
+            self._runner.shared_layers[module].clear_collection(key)
             self._runner.pool.release(slots, SlotOwner.ADAPTER)
 
     def register_collection(self, collection: CompressedCollection, path: str, free_slots: int) -> list[AdapterInfo]:
@@ -109,27 +109,27 @@ class AdapterManager:
         taken = [n for n in collection.names() if n in self.store]
         if taken:
             raise AdapterError(f"{label}: adapter name {taken[0]!r} is already registered")
-        key = next((k for k in range(self.residency.capacity) if k not in self._groups), None)
+        key = next((k for k in range(self.residency.capacity) if k not in self._collections), None)
         if key is None:
-            raise AdapterError(f"{label}: {len(self._groups)} collections are registered, the most "
+            raise AdapterError(f"{label}: {len(self._collections)} collections are registered, the most "
                                f"max_resident_adapters={self.residency.capacity} allows")
         bases = _side_by_side(collection)
         needed = sum(self._runner.adapt_shared(m).bases.slots_needed(u.shape[1]) for m, (u, _, _) in bases.items())
         if needed > free_slots:
             raise AdapterError(f"{label}: its shared bases need {needed} pool slots, {free_slots} are free")
-        self._groups[key] = (self._load_bases(key, bases), set())
+        self._collections[key] = (self._load_bases(key, bases), set())
         try:
             for block, group in enumerate(collection.groups):
                 for j, name in enumerate(group.names):
                     modules = {m: CoreWeights(_padded(cores[j], bases[m][2]).to(self._runner.model.dtype), key, block)
                                for m, cores in group.cores.items()}
                     self.store.add(Adapter(name, f"{path}#{name}", modules, digest=f"{path}#{key}#{name}"))
-                    self._groups[key][1].add(name)
+                    self._collections[key][1].add(name)
         except AdapterError:
-            for name in list(self._groups[key][1]):
+            for name in list(self._collections[key][1]):
                 self.unregister(name)
-            if key in self._groups:  # bases loaded, no adapter added
-                self._free_group(key)
+            if key in self._collections:  # bases loaded, no adapter added
+                self._free_collection(key)
             raise
         return [self.info(name) for name in collection.names()]
 
@@ -140,7 +140,7 @@ class AdapterManager:
             tables = self._runner.shared_layers[module]
             slots = pool.allocate_run(tables.bases.slots_needed(u.shape[1]), SlotOwner.ADAPTER)
             pool.slots[slots.to(pool.slots.device)] = tables.basis_rows(u, v).to(pool.slots)
-            tables.set_group(key, slots, u.shape[1], width)
+            tables.set_collection(key, slots, u.shape[1], width)
             slots_of[module] = slots
         return slots_of
 

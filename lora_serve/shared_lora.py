@@ -32,7 +32,7 @@ class CoreWeights:
     width), its collection's engine-wide key and its group's block in the collection's bases."""
 
     core: torch.Tensor
-    group: int  # the collection's key
+    collection: int  # its collection's engine-wide key
     block: int
 
     @property
@@ -70,14 +70,14 @@ class SharedLoRA:
         """Pool rows of a collection's bases ``U [out, K c]``, ``V [in, K c]`` (the LoRA ``A = V^T``, ``B = U``)."""
         return self.bases.pack(v.t(), u)
 
-    def set_group(self, key: int, slots: torch.Tensor, rank: int, width: int) -> None:
+    def set_collection(self, key: int, slots: torch.Tensor, rank: int, width: int) -> None:
         """Point collection ``key`` at the pool ``slots`` holding ``basis_rows`` of ``rank = K c``, blocks of ``width``."""
         self.bases.set_adapter(key, slots, rank, 1.0)
         self._width[key] = width
         per_core = math.ceil(width * width / self.pool.shape[1])
         self._core_slots[key] = torch.zeros(self.capacity + 1, per_core, dtype=torch.long, device=self.pool.device)
 
-    def clear_group(self, key: int) -> None:
+    def clear_collection(self, key: int) -> None:
         """Forget collection ``key``'s bases (none of its adapters may be set)."""
         if any(h is not None and h[0] == key for h in self._host):
             raise RuntimeError(f"collection {key} still has adapters in the pool")
@@ -97,12 +97,12 @@ class SharedLoRA:
 
     def set_adapter(self, index: int, slots: torch.Tensor, w: CoreWeights) -> None:
         """Point adapter index ``index`` at the pool ``slots`` holding ``pack(w)``."""
-        if self._width.get(w.group) != w.rank:
-            raise ValueError(f"collection {w.group} with blocks of width {w.rank} is not set in this layer")
-        self._core_slots[w.group][index + 1] = slots.to(self.pool.device)
-        self._key_of[index + 1], self._block_of[index + 1] = w.group, w.block
+        if self._width.get(w.collection) != w.rank:
+            raise ValueError(f"collection {w.collection} with blocks of width {w.rank} is not set in this layer")
+        self._core_slots[w.collection][index + 1] = slots.to(self.pool.device)
+        self._key_of[index + 1], self._block_of[index + 1] = w.collection, w.block
         self.num_set += self._host[index] is None
-        self._host[index] = (w.group, w.block, slots.to(self.pool.device))
+        self._host[index] = (w.collection, w.block, slots.to(self.pool.device))
 
     def clear_adapter(self, index: int) -> None:
         """Forget adapter index ``index``; its rows add nothing any more."""
