@@ -11,6 +11,14 @@ per-rank split sizes (the list form fails with uneven sizes under gloo) and are 
 backward runs the mirror-image exchange and the gate weights get their gradients on the expert side.
 `ExpertParallel.dedup = False` sends one row per (token, choice) instead, as most MoE frameworks do
 (kept as the baseline that placement benchmarks compare against).
+
+Across hosts (`ExpertParallel.hierarchical`, on by default when an EP group spans hosts with several
+ranks each; MOEPLUG_DISPATCH=flat|hierarchical overrides) the exchange takes two hops, as in Tutel's
+2D all-to-all: a rank sends one row per (token, destination host) to its peer there (the rank with the
+same local index), carrying the token's slots and gates on that host; the peer runs the one-hop
+exchange above on what it received, inside its host, and returns one summed row per (token, host).
+A token's choices on one host cross the inter-host link once. Both hops use the EP group's
+all-to-all with zero-sized splits for ranks they do not address, so no extra process groups exist.
 """
 
 from __future__ import annotations

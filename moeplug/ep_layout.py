@@ -45,7 +45,8 @@ class ExpertParallel:
 
     def __post_init__(self) -> None:
         spans = self.ranks_per_node is not None and self.ep_size > self.ranks_per_node
-        if self.ranks_per_node is not None and (self.ranks_per_node < 1 or (spans and self.ep_size % self.ranks_per_node)):
+        per_node = self.ranks_per_node
+        if per_node is not None and (per_node < 1 or (spans and self.ep_size % per_node)):
             raise ValueError(f"ranks_per_node={self.ranks_per_node} must be a positive integer dividing "
                              f"ep_size={self.ep_size} (an EP group spans whole hosts) or at least ep_size")
         if self.hierarchical is None:  # one rank per host has nothing to spread: the second hop would only cost

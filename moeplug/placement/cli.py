@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--planner", choices=PLANNERS, default="greedy")
-    parser.add_argument("--replicas", type=int, default=0, help="extra expert copies per layer (greedy; ilp with --traffic-model standard)")
+    parser.add_argument("--replicas", type=int, default=0,
+                        help="extra expert copies per layer (greedy; ilp with --traffic-model standard)")
     parser.add_argument("--traffic-model", choices=("context_coherent", "standard"), default="context_coherent")
     parser.add_argument("--time-limit", type=float, default=30.0, help="ILP time limit, seconds")
     parser.add_argument("--bandwidth", type=float, default=50e9, help="bytes/s per rank for predicted times")
