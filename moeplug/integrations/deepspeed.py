@@ -22,6 +22,14 @@ those parameters in optimizer param groups flagged `moe = True`. So this module
    to each sharded experts module, which is what makes the engine's `has_moe_layers` true;
 4. splits optimizer param groups with DeepSpeed's own `configure_moe_param_groups`.
 
+ZeRO-Offload with FP8 optimizer states: pass `moeplug.fp8.FP8AdamW` as the optimizer and
+`"offload_optimizer": {"device": "cpu"}` in `zero_optimization`; `initialize` (or `offload_config` on its
+own, for a plain `deepspeed.initialize`) sets the two keys DeepSpeed needs for a client optimizer there:
+`zero_force_ds_cpu_optimizer: false` (DeepSpeed otherwise insists on its DeepSpeedCPUAdam) and
+`zero_allow_untested_optimizer: true`. DeepSpeed then keeps the fp32 master partition on the host and
+calls FP8AdamW's fused CPU step on it, with 2.08 bytes of moments per parameter instead of
+DeepSpeedCPUAdam's 8. Works at ZeRO-1/2/3 (with expert parallelism at 1/2, as above).
+
 Rejected alternatives: wrapping the experts in a real `MoE` would run DeepSpeed's gate and
 dispatch instead of moeplug's (and need per-expert `nn.Linear` copies of the fused weights);
 AutoEP replaces the transformers MoE blocks with DeepSpeed's own, dropping moeplug's routing
@@ -55,6 +63,7 @@ from torch import nn
 import moeplug
 from moeplug.dispatch import expert_parallel_parameters
 from moeplug.ep_layout import ExpertParallel, use_process_groups
+from moeplug.fp8 import FP8AdamW
 from moeplug.state import moe_modules
 
 MARKER_NAME = "deepspeed_moe_marker"
@@ -189,9 +198,31 @@ def param_groups(model_or_params, **defaults) -> list[dict]:
 
 
 def _zero_stage(config) -> int:
+    return int(_load_config(config).get("zero_optimization", {}).get("stage", 0))
+
+
+def _load_config(config) -> dict:
     if isinstance(config, (str, Path)):  # deepspeed.initialize also takes a JSON file path
-        config = json.loads(Path(config).read_text())
-    return int((config or {}).get("zero_optimization", {}).get("stage", 0))
+        return json.loads(Path(config).read_text())
+    return dict(config or {})
+
+
+def offload_config(config, optimizer: torch.optim.Optimizer) -> dict:
+    """`config` (a dict or JSON path) ready for `optimizer` under ZeRO-Offload: a copy with
+    `zero_force_ds_cpu_optimizer: false` and `zero_allow_untested_optimizer: true` when `optimizer` is an
+    FP8AdamW and `zero_optimization.offload_optimizer.device` is "cpu"; otherwise the config unchanged.
+
+    Raises ValueError when the config sets `zero_force_ds_cpu_optimizer: true` explicitly for an FP8AdamW
+    with CPU offload (DeepSpeed would refuse it), naming the key.
+    """
+    config = _load_config(config)
+    offload = (config.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if not isinstance(optimizer, FP8AdamW) or offload.get("device") != "cpu":
+        return config
+    if config.get("zero_force_ds_cpu_optimizer") is True:
+        raise ValueError("zero_force_ds_cpu_optimizer=true makes DeepSpeed refuse FP8AdamW under ZeRO-Offload; "
+                         "remove the key (moeplug sets it to false) or use DeepSpeedCPUAdam")
+    return {**config, "zero_force_ds_cpu_optimizer": False, "zero_allow_untested_optimizer": True}
 
 
 def initialize(*, model: nn.Module, optimizer: torch.optim.Optimizer, config, **kwargs):
@@ -199,8 +230,10 @@ def initialize(*, model: nn.Module, optimizer: torch.optim.Optimizer, config, **
 
     Raises ValueError, before DeepSpeed starts, for ZeRO stage 3 with expert parallelism (see the
     module docstring for why) and for an optimizer whose param groups mix expert and replicated
-    parameters (build it from `param_groups(model)`). Returns what `deepspeed.initialize` returns.
+    parameters (build it from `param_groups(model)`). An FP8AdamW under ZeRO-Offload gets the config
+    keys of `offload_config`. Returns what `deepspeed.initialize` returns.
     """
+    config = offload_config(config, optimizer)
     layouts = _layouts(model)
     if layouts:
         stage = _zero_stage(config)
