@@ -10,10 +10,12 @@ process takes commands between steps). Scenarios, in one process on the same wei
   co-served         the trace with the job running, the FineTuner given the SLO targets
   co-served-no-slo  the same without SLO targets (only the step's token budget limits training)
 
-SLO: a request meets it when its TTFT <= ``--slo-ttft`` and its mean inter-token latency <= ``--slo-itl``.
-Both come from the inference-alone run (``--slo-factor`` x its p90, default 3), so the targets scale with
-the machine (absolute times on a shared 2-core box are noise); the question is how much training costs
-the attainment. The four scenarios run in rounds (``--repeats``, default 3): medians, each run in the JSON. ``busy_fraction``: share of the run spent in steps that served requests. Training tokens/s = tokens the job ran (padded micro-batches, forward + backward) / s.
+SLO: a request meets it when its TTFT and its mean inter-token latency are within the targets, which come
+from the first inference-alone run (``--slo-factor`` x its p90s, default 3), so the targets scale with the
+machine (absolute times on a shared 2-core box are noise); the question is how much training costs the
+attainment. The four scenarios run in rounds (``--repeats``, default 3): medians, each run in the JSON.
+``busy_fraction``: share of the run spent in steps that served requests. Training tokens/s = tokens the job
+ran (padded micro-batches, forward + backward) / s.
 
     .venv/bin/python benchmarks/fine_tune_while_serving.py --smoke
     .venv/bin/python benchmarks/fine_tune_while_serving.py --json benchmarks/results/fine_tune_while_serving.json
@@ -87,7 +89,8 @@ def summarize(run: dict, ttft_slo: float, itl_slo: float) -> dict:
     met = [ttft[r] <= ttft_slo and itl.get(r, 0.0) <= itl_slo for r in ttft]
     return {"requests": len(ttft), "ttft_p50": float(np.percentile(list(ttft.values()), 50)),
             "ttft_p90": float(np.percentile(list(ttft.values()), 90)),
-            "itl_p50": float(np.percentile(list(itl.values()), 50)), "itl_p90": float(np.percentile(list(itl.values()), 90)),
+            "itl_p50": float(np.percentile(list(itl.values()), 50)),
+            "itl_p90": float(np.percentile(list(itl.values()), 90)),
             "slo_attainment": float(np.mean(met))}
 
 

@@ -25,7 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ft-optimizer", choices=OPTIMIZERS, default=_DEFAULTS.optimizer,
                        help="fp8adamw: moeplug's FP8AdamW; adamw: torch's (default: %(default)s)")
     group.add_argument("--ft-slo-ttft", type=float, metavar="SECONDS",
-                       help="time-to-first-token target: an idle step trains for at most this less an inference step")
+                       help="time-to-first-token target: an idle step trains for at most this less the ITL target (or an "
+                            "inference step)")
     group.add_argument("--ft-slo-itl", type=float, metavar="SECONDS",
                        help="inter-token latency target: a step with running requests trains only in the time "
                             "it leaves")

@@ -1,13 +1,14 @@
 """``FineTuner``: fine-tuning jobs co-scheduled with inference inside the engine's step loop (FlexLLM-style).
 
 Attached to an ``Engine`` (``engine.attach_background``), it runs at the end of every ``Engine.step``, after
-the step's inference work, with a ``StepReport`` of that work. It gives the running job one micro-batch of
-at most ``training_budget(...)`` tokens: the step's unused token budget, cut further by the SLO targets
-(``FineTuningConfig``) using the measured cost of training micro-batches (``CostModel``): with requests running, to the time
-the ITL target leaves after the step's inference; idle, to the TTFT target less an inference step (a request
-arriving meanwhile waits for the micro-batch, then needs its prefill). Waiting requests stop training for the
-step (their time to first token comes first). With no inference at all the job gets the whole step budget,
-and always at least one example, so it progresses on an idle server.
+the step's inference work, with a ``StepReport`` of that work. It gives the running job one micro-batch of at
+most ``training_budget(...)`` tokens: the step's unused token budget, cut further by the SLO targets
+(``FineTuningConfig``) using the measured cost of training micro-batches (``CostModel``): with requests
+running, to the time the ITL target leaves after the step's inference; idle, to the TTFT target less an
+inference step or the ITL target, whichever is longer (a request arriving meanwhile waits for the micro-batch,
+then for its first step). Waiting
+requests stop training for the step (their time to first token comes first). With no inference at all the job
+gets the whole step budget, and always at least one example, so it progresses on an idle server.
 
 Jobs come from the ``JobStore``: ``wake()`` (the API created or cancelled a job) makes the next step scan it;
 the first step scans too, so a restarted server resumes a ``running`` job from its latest checkpoint. One
@@ -56,7 +57,7 @@ class CostModel:
             slope = float(((n - n.mean()) * (y - y.mean())).sum() / ((n - n.mean()) ** 2).sum())
             if slope > 0:
                 fixed, per_token = max(0.0, float(y.mean()) - slope * float(n.mean())), slope
-        return int(max(0.0, seconds - fixed) / per_token)
+        return int(max(0.0, seconds - fixed) / max(per_token, 1e-12))
 
 
 def training_budget(report: StepReport, cost: int, config: FineTuningConfig, cost_model: CostModel,
@@ -64,14 +65,16 @@ def training_budget(report: StepReport, cost: int, config: FineTuningConfig, cos
     """Tokens the job may run after this step's inference, or None to skip training this step.
 
     ``cost`` is the next example's size (a micro-batch holds at least one); ``inference_step_s`` is the recent
-    time of an inference step, what a request arriving during an idle step's training still needs afterwards.
+    time of an inference step.
     """
     idle = report.running == 0 and report.waiting == 0
     if report.waiting:
         return None
     limit = report.max_batch_tokens if idle else report.max_batch_tokens - report.inference_tokens
-    # Idle: a request arriving now waits for the micro-batch, then for its own prefill step.
-    target = (config.slo_ttft_s and config.slo_ttft_s - inference_step_s) if idle else config.slo_itl_s
+    # Idle: a request arriving now waits for the micro-batch, then for its first step, which (with training in
+    # the ITL target's slack) takes up to the ITL target, or else about an inference step.
+    first_step = max(inference_step_s, config.slo_itl_s or 0.0)
+    target = (config.slo_ttft_s and config.slo_ttft_s - first_step) if idle else config.slo_itl_s
     fits = None if target is None else cost_model.tokens_within(target - (0 if idle else report.inference_seconds))
     if fits is not None:
         limit = min(limit, fits)

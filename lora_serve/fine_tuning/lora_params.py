@@ -35,8 +35,8 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def match_targets(model: nn.Module, target_modules: list[str] | str) -> dict[str, nn.Linear]:
-    """The linears ``target_modules`` selects, as PEFT matches them (``"all-linear"``: every one): a name equal to a key, or ending in
-    ``.<key>``; ``ValueError`` naming the keys when none matches."""
+    """The linears ``target_modules`` selects, as PEFT matches them (``"all-linear"``: every one): a name equal
+    to a key, or ending in ``.<key>``; ``ValueError`` naming the keys when none matches."""
     layers = linear_layers(model)
     if target_modules == "all-linear":
         return layers

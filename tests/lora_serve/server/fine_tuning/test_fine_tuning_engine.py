@@ -91,9 +91,12 @@ def test_training_gets_what_inference_leaves_and_the_slo_allows(tmp_path):
     # 50 ms ITL minus a 20 ms inference step leaves 30 tokens (< 40: skip the step), minus 5 ms leaves 45
     assert training_budget(_report(running=3, tokens=10, seconds=0.02), 40, slo, per_ms) is None
     assert training_budget(_report(running=3, tokens=10, seconds=0.005), 40, slo, per_ms) == 45
-    # idle: the TTFT target less an inference step (20 ms): 180 tokens, and always at least one example
-    assert training_budget(_report(), 40, slo, per_ms, inference_step_s=0.02) == 180
+    # idle: the TTFT target less the arrival's first step (the ITL target, 50 ms, > a 20 ms inference step):
+    # 150 tokens; always at least one example
+    assert training_budget(_report(), 40, slo, per_ms, inference_step_s=0.02) == 150
     assert training_budget(_report(), 300, slo, per_ms, inference_step_s=0.02) == 300
+    ttft_only = FineTuningConfig(root=tmp_path, slo_ttft_s=0.2)
+    assert training_budget(_report(), 40, ttft_only, per_ms, inference_step_s=0.02) == 180
 
 
 def test_the_cost_model_separates_fixed_and_per_token_cost():
