@@ -111,17 +111,20 @@ def node_layout() -> int | None:
     """Ranks per host of this job, or None when it runs on one host.
 
     MOEPLUG_RANKS_PER_NODE overrides (e.g. to try hierarchical dispatch on one machine); otherwise
-    torchrun's LOCAL_WORLD_SIZE when WORLD_SIZE is larger and this rank sits where torchrun puts it
-    (GROUP_RANK * LOCAL_WORLD_SIZE + LOCAL_RANK); launchers that number ranks otherwise get None.
+    the launcher's processes per host (torchrun's LOCAL_WORLD_SIZE, DeepSpeed's LOCAL_SIZE) when
+    WORLD_SIZE is larger and this rank sits at host index (GROUP_RANK, DeepSpeed: CROSS_RANK) x that
+    + LOCAL_RANK; launchers that number ranks otherwise get None (flat dispatch).
     """
     override = os.environ.get("MOEPLUG_RANKS_PER_NODE")
     if override:
         if not override.isdigit() or int(override) < 1:
             raise ValueError(f"MOEPLUG_RANKS_PER_NODE={override!r} must be a positive integer")
         return int(override)
+    env = os.environ
     try:
-        world, local, node, local_rank, rank = (int(os.environ[k]) for k in (
-            "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "LOCAL_RANK", "RANK"))
+        world, local_rank, rank = (int(env[k]) for k in ("WORLD_SIZE", "LOCAL_RANK", "RANK"))
+        local = int(env.get("LOCAL_WORLD_SIZE") or env["LOCAL_SIZE"])
+        node = int(env.get("GROUP_RANK") or env["CROSS_RANK"])
     except (KeyError, ValueError):
         return None
     return local if world > local and rank == node * local + local_rank else None

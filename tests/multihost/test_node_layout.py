@@ -7,6 +7,7 @@ import pytest
 from moeplug.ep_layout import ExpertParallel, node_layout
 
 TORCHRUN = dict(WORLD_SIZE="8", LOCAL_WORLD_SIZE="2", GROUP_RANK="2", LOCAL_RANK="1", RANK="5")
+DEEPSPEED = dict(WORLD_SIZE="8", LOCAL_SIZE="4", CROSS_RANK="1", LOCAL_RANK="2", RANK="6")
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -15,9 +16,10 @@ TORCHRUN = dict(WORLD_SIZE="8", LOCAL_WORLD_SIZE="2", GROUP_RANK="2", LOCAL_RANK
     ({**TORCHRUN, "WORLD_SIZE": "2"}, None),  # one host
     ({}, None),  # not under torchrun
     ({**TORCHRUN, "MOEPLUG_RANKS_PER_NODE": "4"}, 4),  # the override wins
+    (DEEPSPEED, 4),  # DeepSpeed's launcher: LOCAL_SIZE, CROSS_RANK
 ])
 def test_node_layout_from_torchrun_environment(monkeypatch, env, expected):
-    for key in (*TORCHRUN, "MOEPLUG_RANKS_PER_NODE"):
+    for key in (*TORCHRUN, *DEEPSPEED, "MOEPLUG_RANKS_PER_NODE"):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
