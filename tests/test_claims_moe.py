@@ -140,3 +140,29 @@ def test_expert_parallel_tables(occurrence, name):
         _check(f"{name} {ranks} {phase} moeplug", ours, medians["moeplug"][phase], 1000)
         _check(f"{name} {ranks} {phase} deepspeed", theirs, medians["deepspeed"][phase], 1000)
         _check(f"{name} {ranks} {phase} ratio", _numbers(ratio)[0], medians["deepspeed"][phase] / medians["moeplug"][phase])
+
+
+# --- Issue 23 across hosts: multihost.json (1 Gbit/s) and multihost_100mbit.json ------------------------
+
+_HOST_ROWS = {"contiguous, flat": "contiguous/flat", "contiguous, hierarchical": "contiguous/hierarchical",
+              "node-aware ILP, flat": "node_aware/flat", "node-aware ILP, hierarchical": "node_aware/hierarchical",
+              "node-aware ILP + 4 replicas, flat": "node_aware_r4/flat",
+              "node-aware ILP + 4 replicas, hierarchical": "node_aware_r4/hierarchical"}
+
+
+@pytest.mark.parametrize("header, layout", [("2 hosts x 2 ranks", "2x2"), ("4 hosts x 1 rank", "4x1")])
+def test_multihost_tables(header, layout):
+    measured = _json("multihost.json")["layouts"][layout]["measured"]
+    slow_link = _json("multihost_100mbit.json")["layouts"][layout]["measured"] if layout == "2x2" else {}
+    for name, megabytes, vs, rows, load, step, *step_100mbit in _table("Issue 23: expert parallelism across hosts",
+                                                                       header)[2]:
+        recorded = measured[_HOST_ROWS[name]]
+        _check(f"{layout} {name} MB", megabytes, recorded["link_bytes_per_step"], 1e-6)
+        _check(f"{layout} {name} vs flat", _numbers(vs)[0], recorded["bytes_vs_flat_contiguous"])
+        shown_rows, predicted = _numbers(rows)
+        _check(f"{layout} {name} rows", shown_rows, recorded["inter_host_rows"])
+        _check(f"{layout} {name} predicted rows", predicted, recorded["predicted_inter_host_rows"])
+        _check(f"{layout} {name} max/mean", load, recorded["max_mean_load"])
+        _check(f"{layout} {name} step", step, recorded["step_s"])
+        for shown in step_100mbit:
+            _check(f"{layout} {name} step at 100 Mbit/s", shown, slow_link[_HOST_ROWS[name]]["step_s"])
