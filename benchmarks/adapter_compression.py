@@ -1,7 +1,8 @@
 """Issue 22: serving N compressed adapters (shared bases + per-adapter cores) vs the same N uncompressed.
 
 Adapters: realistic LoRAs trained briefly on distinct synthetic tasks (``lora_tasks.py``: 8 task families,
-ranks 8/16 on q/v/down_proj of P2's tiny Llama, weights x4), cached under benchmarks/out/compress/.
+ranks 8/16 on q/v/down_proj of P2's tiny Llama, weights x4), cached under benchmarks/out/compress/; each
+from its own random A (PEFT's default init).
 For each N, the first N are compressed (``lora_serve.compress``: shared rank ``--rank``, ``--clusters``
 groups found by k-subspaces; the time is recorded) and served by ``Engine.add_adapter_collection``.
 
@@ -102,37 +103,64 @@ def throughput(args, engines: dict) -> dict:
     return out
 
 
-def quality(base, adapters: dict, collection, cfg: dict) -> dict:
-    """Held-out loss per task: base, uncompressed adapter, compressed adapter, a sibling task's adapter."""
+def _stacked(names: list[str], modules: list[str], get) -> dict[str, tuple]:
+    """module -> ``(A [n, R, in], B [n, out, R])`` zero-padded from ``get(name, module) -> (A, B scaled)``."""
+    out = {}
+    for m in modules:
+        pairs = [get(n, m) for n in names]
+        top = max(a.shape[0] for a, _ in pairs)
+        a_all = torch.zeros(len(names), top, pairs[0][0].shape[1])
+        b_all = torch.zeros(len(names), pairs[0][1].shape[0], top)
+        for i, (a, b) in enumerate(pairs):
+            a_all[i, : a.shape[0]], b_all[i, :, : b.shape[1]] = a, b
+        out[m] = (a_all, b_all)
+    return out
+
+
+def _rebuilt(collection):
+    """``get(name, module)`` of the adapters rebuilt from ``collection``: ``A = Σ V^T``, ``B = U`` (scale 1)."""
+    position = {n: (g, j) for g in collection.groups for j, n in enumerate(g.names)}
+
+    def get(name, module):
+        group, j = position[name]
+        u, v = group.bases[module]
+        return group.cores[module][j] @ v.t(), u
+
+    return get
+
+
+def _change(compressed: list[float], plain: list[float]) -> dict:
+    change = [(c - u) / u for c, u in zip(compressed, plain)]
+    return {"compressed_mean": statistics.mean(compressed), "relative_change_mean": statistics.mean(change),
+            "relative_change_max": max(change), "within_2_percent": sum(abs(c) <= 0.02 for c in change) / len(change),
+            "at_most_2_percent_worse": sum(c <= 0.02 for c in change) / len(change)}
+
+
+def quality(base, adapters: dict, collection, cfg: dict, sweep: list[tuple[int, int]] = ()) -> dict:
+    """Held-out loss per task: base, uncompressed adapter, compressed adapter, a sibling task's adapter; and the
+    compressed loss at each ``(clusters, rank)`` of ``sweep`` (compressed again here, timed)."""
     names = list(adapters)
     task = [int(name[1:]) for name in names]
     modules = sorted(adapters[names[0]].modules)
+    plain = _stacked(names, modules, lambda n, m: (adapters[n].modules[m].a, adapters[n].modules[m].b * adapters[n].modules[m].scale))
     family = cfg["families"]
-    plain, packed = {}, {}
-    position = {name: (g, group.names.index(name)) for g, group in enumerate(collection.groups) for name in group.names}
-    for m in modules:
-        top = max(adapters[n].modules[m].rank for n in names)
-        a = torch.zeros(len(names), top, adapters[names[0]].modules[m].a.shape[1])
-        b = torch.zeros(len(names), adapters[names[0]].modules[m].b.shape[0], top)
-        for i, n in enumerate(names):
-            w = adapters[n].modules[m]
-            a[i, : w.rank], b[i, :, : w.rank] = w.a, w.b * w.scale
-        plain[m] = (a, b)
-        rebuilt = [(collection.groups[g].cores[m][j] @ collection.groups[g].bases[m][1].t(), collection.groups[g].bases[m][0])
-                   for g, j in (position[n] for n in names)]
-        packed[m] = (torch.stack([r[0] for r in rebuilt]), torch.stack([r[1] for r in rebuilt]))
     sibling = [t + family if t + family < len(task) else t - family for t in task]  # adapter i on a sibling's task
     zero = {m: (a, b * 0) for m, (a, b) in plain.items()}
     losses = {"base": held_out_losses(base, zero, task, cfg), "uncompressed": held_out_losses(base, plain, task, cfg),
-              "compressed": held_out_losses(base, packed, task, cfg),
+              "compressed": held_out_losses(base, _stacked(names, modules, _rebuilt(collection)), task, cfg),
               "sibling_adapter": held_out_losses(base, plain, sibling, cfg)}
-    change = [(c - u) / u for c, u in zip(losses["compressed"], losses["uncompressed"])]
-    return {"mean": {k: statistics.mean(v) for k, v in losses.items()},
-            "relative_change_mean": statistics.mean(change), "relative_change_max": max(change),
-            "within_2_percent": sum(abs(c) <= 0.02 for c in change) / len(change),
-            "task_specific_gain_kept": statistics.mean(
-                (s - c) / (s - u) for s, c, u in zip(losses["sibling_adapter"], losses["compressed"], losses["uncompressed"])
-                if s - u > 1e-3)}
+    result = {"mean": {k: statistics.mean(v) for k, v in losses.items()}, **_change(losses["compressed"], losses["uncompressed"]),
+              "task_specific_gain_kept": statistics.mean(
+                  (s - c) / (s - u) for s, c, u in zip(losses["sibling_adapter"], losses["compressed"], losses["uncompressed"])
+                  if s - u > 1e-3), "sweep": {}}
+    for k, c in sweep:
+        start = time.perf_counter()
+        other = compress(adapters, c, k)
+        seconds = time.perf_counter() - start
+        result["sweep"][f"{k}x{c}"] = {"compress_s": seconds, **_change(
+            held_out_losses(base, _stacked(names, modules, _rebuilt(other)), task, cfg), losses["uncompressed"])}
+        print(f"sweep {k} clusters x rank {c}: {result['sweep'][f'{k}x{c}']}", flush=True)
+    return result
 
 
 def markdown(args, result: dict) -> str:
@@ -157,8 +185,17 @@ def markdown(args, result: dict) -> str:
               f"{args.num_adapters[-1]} tasks (mean): base {q['mean']['base']:.3f}, uncompressed {q['mean']['uncompressed']:.3f}, "
               f"compressed {q['mean']['compressed']:.3f}, a sibling task's adapter {q['mean']['sibling_adapter']:.3f}; "
               f"compressed vs uncompressed per task: mean {100 * q['relative_change_mean']:+.2f}%, worst "
-              f"{100 * q['relative_change_max']:+.2f}%, {100 * q['within_2_percent']:.0f}% of tasks within 2%; task-specific "
+              f"{100 * q['relative_change_max']:+.2f}%, {100 * q['within_2_percent']:.0f}% of tasks within ±2%, "
+              f"{100 * q['at_most_2_percent_worse']:.0f}% at most 2% worse; task-specific "
               f"gain kept {100 * q['task_specific_gain_kept']:.0f}%."]
+    if q["sweep"]:
+        lines += ["", f"Other clusters x shared rank on the {args.num_adapters[-1]} adapters (held-out loss, compressed vs "
+                  "uncompressed; bases read per decode step grow with clusters x rank):", "",
+                  "| clusters x rank | mean change | worst | tasks within ±2% | at most 2% worse | compress time |",
+                  "|---|---|---|---|---|---|"]
+        for key, r in q["sweep"].items():
+            lines.append(f"| {key} | {100 * r['relative_change_mean']:+.2f}% | {100 * r['relative_change_max']:+.2f}% | "
+                         f"{100 * r['within_2_percent']:.0f}% | {100 * r['at_most_2_percent_worse']:.0f}% | {r['compress_s']:.0f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -166,7 +203,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-n", "--num-adapters", type=int, nargs="+", default=[10, 100, 1000])
     p.add_argument("--rank", type=int, default=32, help="shared rank per group and layer")
-    p.add_argument("--clusters", type=int, default=8)
+    p.add_argument("--clusters", type=int, default=1)
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
@@ -175,6 +212,8 @@ def main() -> None:
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--resident", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sweep", nargs="*", default=[], metavar="KxC",
+                   help="also the held-out loss at these clusters x shared rank on the largest N, e.g. 1x32 4x16")
     p.add_argument("--smoke", action="store_true", help="4 adapters trained 2 steps in a temporary directory")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
@@ -191,7 +230,8 @@ def main() -> None:
             paths = ensure_adapters(base, root, max(args.num_adapters), cfg)
         engines, records, largest = build(args, base, paths, Path(tmp))
         result = {"compression": records, "throughput": throughput(args, engines),
-                  "quality": quality(base, largest["adapters"], largest["collection"], cfg),
+                  "quality": quality(base, largest["adapters"], largest["collection"], cfg,
+                                     [tuple(int(v) for v in kc.split("x")) for kc in args.sweep]),
                   "train": json.loads((Path(paths[0]).parent / "tasks.json").read_text()),
                   "load_average_1_5_15": os.getloadavg()}
     text = markdown(args, result)
