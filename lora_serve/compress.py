@@ -242,9 +242,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.rank != "lossless" and not args.rank.isdigit():
         p.error(f"--rank must be a positive integer or 'lossless', got {args.rank!r}")
     pairs = [a.partition("=")[::2] if "=" in a else (Path(a).name, a) for a in args.adapters]
+    names = [name for name, _ in pairs]
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        p.error(f"adapter name {twice!r} is given twice (name them NAME=PATH)")
     start = time.perf_counter()
     try:
-        adapters, base = read_adapters(dict(pairs) if len(dict(pairs)) == len(pairs) else _duplicate(pairs))
+        adapters, base = read_adapters(dict(pairs))
         collection = compress(adapters, args.rank if args.rank == "lossless" else int(args.rank), args.clusters,
                               args.iterations, base)
     except ValueError as err:
@@ -253,11 +257,6 @@ def main(argv: list[str] | None = None) -> None:
     worst = max(collection.errors.items(), key=lambda kv: kv[1]["relative_error"])
     print(f"{len(adapters)} adapters -> {len(collection.groups)} group(s) in {time.perf_counter() - start:.1f} s; "
           f"worst relative error {worst[1]['relative_error']:.3g} ({worst[0]}); written to {args.out}")
-
-
-def _duplicate(pairs):
-    seen = [name for i, (name, _) in enumerate(pairs) if name in dict(pairs[:i])]
-    raise SystemExit(f"cannot compress: adapter name {seen[0]!r} is given twice (name them NAME=PATH)")
 
 
 if __name__ == "__main__":

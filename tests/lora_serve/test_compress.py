@@ -167,3 +167,6 @@ def test_command_line_writes_a_collection(peft_dirs, tmp_path, capsys):
     assert "2 adapters -> 1 group(s)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="differ at"):
         main([str(tmp_path / "bad"), str(peft_dirs["r2"]), str(peft_dirs["qk"]), "--rank", "3"])
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "twice"), str(peft_dirs["r2"]), f"r2={peft_dirs['r5']}", "--rank", "3"])
+    assert "'r2' is given twice" in capsys.readouterr().err
