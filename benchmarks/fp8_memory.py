@@ -2,7 +2,8 @@
 
 Baselines (what a user would pick instead), all in this process on the same weights and gradients:
 ``torch.optim.AdamW`` (default: a per-tensor for-loop on CPU, and fused), and, when installed, torchao's ``AdamWFp8`` /
-``AdamW8bit`` and bitsandbytes' ``AdamW8bit``.
+``AdamW8bit``, bitsandbytes' ``AdamW8bit`` and DeepSpeed's ``DeepSpeedCPUAdam`` (ZeRO-Offload's host optimizer;
+ratios are against it when present).
 
 * **optimizer**: state bytes per parameter (codes + scales + every other state tensor, ``step`` excluded)
   and the median ``opt.step()`` time over ``--steps`` steps after warm-up, on the issue's two MLPs
@@ -17,6 +18,7 @@ Run: ``.venv/bin/python benchmarks/fp8_memory.py [--threads 1] [--append-results
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,6 +46,12 @@ def _optional_baselines() -> dict:
         found["bitsandbytes AdamW8bit"] = lambda p: bitsandbytes.optim.AdamW8bit(p, lr=1e-3)
     except ImportError as err:
         print(f"bitsandbytes unavailable: {err}", file=sys.stderr)
+    try:  # ZeRO-Offload's host optimizer (its cpu_adam op compiles on first use, ~200 s, then cached)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        found["DeepSpeedCPUAdam"] = lambda p: DeepSpeedCPUAdam(p, lr=1e-3, weight_decay=1e-2, adamw_mode=True)
+    except ImportError as err:
+        print(f"deepspeed unavailable: {err}", file=sys.stderr)
     return found
 
 
@@ -77,7 +85,12 @@ MODELS = {
     "MLP 1.6M (300/1000)": lambda: _mlp([300, 1000, 1000, 300]),
     "MLP 2.9M (/256)": lambda: _mlp([768, 1536, 768, 768]),
     "tiny Llama 3.4M": lambda: _llama(256, 4, 1024, 688),
+    "MLP 50M (4096)": lambda: _mlp([4096, 4096, 4096, 4096]),
+    # Every optimizer keeps its own copy of the weights and gradients (round-robin timing), ~17 GB at 300M:
+    # only on request (--models).
+    "MLP 300M (10000)": lambda: _mlp([10000, 10000, 10000, 10000]),
 }
+DEFAULT_MODELS = [name for name in MODELS if "300M" not in name]
 
 
 def _tensor_bytes(value) -> int:
@@ -211,7 +224,7 @@ def run(args) -> dict:
     """The measurements named in ``args.parts``; returns the JSON-able results."""
     opts, results = optimizers(), {}
     if "optimizer" in args.parts:
-        results["optimizer"] = {model: bench_optimizers(make, opts, args.steps) for model, make in MODELS.items()}
+        results["optimizer"] = {model: bench_optimizers(MODELS[model], opts, args.steps) for model in args.models}
     if "activations" in args.parts:
         plain = bench_activations(None)
         activations = {"fp32": dict(per_layer_bytes=plain["per_layer_bytes"])}
@@ -233,15 +246,17 @@ def run(args) -> dict:
 
 def markdown(results: dict, command: str, threads: int) -> str:
     """The RESULTS.md section."""
+    first = next(iter(results.get("optimizer", {}).values()), {})
+    base_name = "DeepSpeedCPUAdam" if "DeepSpeedCPUAdam" in first else "torch AdamW (default)"
     lines = [f"\n## FP8 optimizer states and activations (issue 7, P3/P4)\n",
              f"Command: `{command}` (torch {torch.__version__}, {threads} intra-op thread(s), shared 2-core CPU; "
              "median `opt.step()` over round-robin rounds after one warm-up step; bytes = every state tensor but "
-             "`step`; ratio = step time / default AdamW's).\n"]
+             f"`step`; ratio = step time / {base_name}'s).\n"]
     if "optimizer" in results:
         models = list(results["optimizer"])
         lines.append("| optimizer | " + " | ".join(models) + " |")
         lines.append("|---" * (len(models) + 1) + "|")
-        base = {m: results["optimizer"][m]["torch AdamW (default)"]["step_ms"] for m in models}
+        base = {m: results["optimizer"][m][base_name]["step_ms"] for m in models}
         for name in results["optimizer"][models[0]]:
             cells = [f"{r['bytes_per_param']:.2f} B/param, {r['step_ms']:.2f} ms ({r['step_ms'] / base[m]:.2f}x)"
                      for m in models for r in [results["optimizer"][m][name]]]
@@ -273,13 +288,18 @@ def main() -> None:
     parser.add_argument("--parity-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to measure")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=DEFAULT_MODELS,
+                        help="optimizer-part models (the 300M MLP needs ~17 GB, so it is not a default)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "fp8_memory.json")
     parser.add_argument("--append-results", type=Path, help="append a markdown section to this RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     results = run(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2))
+    load = {"before": load_before, "after": os.getloadavg()}
+    args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "loadavg": load, **results},
+                                    indent=2))
     section = markdown(results, "python " + " ".join(sys.argv), args.threads)
     print(section)
     if args.append_results:
