@@ -1,7 +1,7 @@
 """``benchmarks/serve_http.py --smoke`` runs end to end (server subprocess, open-loop client, in-process
 baseline) and writes every field for both systems; so does ``benchmarks/serve_http_closed.py --smoke``
-(closed batches: the server with its engine process and with ``--engine-thread``, streamed and not, vs the
-engine in-process and PEFT). A benchmark is not a test: no timing is asserted.
+(closed batches: the server with its engine process, with every core for it and with ``--engine-thread``,
+streamed and not, vs the engine in-process and PEFT). A benchmark is not a test: no timing is asserted.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def test_closed_batch_smoke_run_reports_every_system_and_ratio(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     report = json.loads(out.read_text())
-    systems = {"http", "http-sse", "http-thread", "http-thread-sse", "in-process", "peft-mixed"}
+    systems = {"http", "http-sse", "http-all-cores", "http-all-cores-sse", "http-thread", "http-thread-sse",
+               "in-process", "peft-mixed"}
     assert [row["concurrency"] for row in report["results"]] == report["args"]["concurrency"]
     for row in report["results"]:
         assert set(row["tokens_per_s"]) == systems
