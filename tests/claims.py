@@ -31,6 +31,8 @@ CHECKED = {
     ("Serving LoRA on MoE experts", "model", 0),
     ("Issue 23: expert parallelism across hosts", "2 hosts x 2 ranks", 0),
     ("Issue 23: expert parallelism across hosts", "4 hosts x 1 rank", 0),
+    ("Issue 22: compressed adapter collections", "N", 0),
+    ("Issue 22: compressed adapter collections", "clusters x rank", 0),
 }
 # Tables typed from runs whose JSON was not kept (a later run of the same script overwrote it), with where
 # their numbers live instead. A new table must be checked by a test below or listed here.

@@ -155,6 +155,37 @@ def test_serve_http_table():
     assert _table("Issue 4: lora_serve HTTP server", "rate (req/s)")[2] == recorded
 
 
+# --- compressed adapter collections (issue 22): adapter_compression_tiny.json ---------------------------
+
+
+def test_adapter_compression_tables():
+    result = _json("adapter_compression_tiny.json")["result"]
+    speed = {name: r["tokens_per_s"] for name, r in result["throughput"].items()}
+    for n, distinct, plain, packed, vs, vs_10, memory, seconds, errors in _table(
+            "Issue 22: compressed adapter collections", "N")[2]:
+        compression = result["compression"][n]
+        assert int(distinct) == result["throughput"][f"compressed-{n}"]["distinct_in_batch"], n
+        _check(f"N={n} uncompressed", plain, speed[f"uncompressed-{n}"])
+        _check(f"N={n} compressed", packed, speed[f"compressed-{n}"])
+        _check(f"N={n} ratio", _numbers(vs)[0], speed[f"compressed-{n}"] / speed[f"uncompressed-{n}"])
+        _check(f"N={n} vs 10", _numbers(vs_10)[0], speed[f"compressed-{n}"] / speed["uncompressed-10"])
+        shown_plain, shown_packed = _numbers(memory)
+        _check(f"N={n} KiB", shown_plain, compression["memory"]["uncompressed_bytes"], 1 / 1024)
+        _check(f"N={n} KiB compressed", shown_packed, compression["memory"]["compressed_bytes"], 1 / 1024)
+        _check(f"N={n} seconds", _numbers(seconds)[0], compression["compress_s"])
+        mean, worst = _numbers(errors)
+        _check(f"N={n} error", mean, compression["relative_error_mean"])
+        _check(f"N={n} worst error", worst, compression["relative_error_max"])
+    for key, mean, worst, within, at_most, seconds in _table(
+            "Issue 22: compressed adapter collections", "clusters x rank")[2]:
+        sweep = result["quality"]["sweep"][key]
+        _check(f"{key} mean", _numbers(mean)[0], sweep["relative_change_mean"], 100)
+        _check(f"{key} worst", _numbers(worst)[0], sweep["relative_change_max"], 100)
+        _check(f"{key} within", _numbers(within)[0], sweep["within_2_percent"], 100)
+        _check(f"{key} at most", _numbers(at_most)[0], sweep["at_most_2_percent_worse"], 100)
+        _check(f"{key} seconds", _numbers(seconds)[0], sweep["compress_s"])
+
+
 def test_every_table_is_checked_or_explained():
     """Every table of RESULTS.md is read by a test here or listed in NOT_IN_JSON with the reason, so a table
     added without a JSON behind it fails."""
