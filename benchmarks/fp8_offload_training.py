@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-OPTIMIZERS = ("DeepSpeedCPUAdam", "FP8AdamW")
+OPTIMIZERS = ("DeepSpeedCPUAdam", "FP8AdamW", "torch AdamW")  # torch AdamW: fp32 oracle of both
 MODEL = dict(hidden_size=256, intermediate_size=512, num_local_experts=8, num_experts_per_tok=2,
              num_hidden_layers=4, vocab_size=1024, head_dim=64, max_position_embeddings=256)
 BATCH, LENGTH, LR = 8, 64, 5e-4
@@ -40,10 +40,14 @@ def train(optimizer_name: str, steps: int) -> dict:
     model = tiny_model("mixtral", **MODEL).train()
     mds.patch_model(model)
     groups = mds.param_groups(model)
-    optimizer = (FP8AdamW(groups, lr=LR) if optimizer_name == "FP8AdamW"
-                 else DeepSpeedCPUAdam(groups, lr=LR, weight_decay=1e-2, adamw_mode=True))
+    optimizer = {"FP8AdamW": lambda: FP8AdamW(groups, lr=LR),
+                 "torch AdamW": lambda: torch.optim.AdamW(groups, lr=LR),
+                 "DeepSpeedCPUAdam": lambda: DeepSpeedCPUAdam(groups, lr=LR, weight_decay=1e-2, adamw_mode=True)}
+    optimizer = optimizer[optimizer_name]()
     config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
-              "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+              "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+              # for torch AdamW (moeplug's initialize sets this for FP8AdamW itself)
+              "zero_force_ds_cpu_optimizer": False}
     engine, *_ = mds.initialize(model=model, optimizer=optimizer, config=config)
     gen = torch.Generator().manual_seed(0)
     losses, step_s = [], []
