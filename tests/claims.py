@@ -33,6 +33,7 @@ CHECKED = {
     ("Issue 23: expert parallelism across hosts", "4 hosts x 1 rank", 0),
     ("Issue 22: compressed adapter collections", "N", 0),
     ("Issue 22: compressed adapter collections", "clusters x rank", 0),
+    ("FP8AdamW as the ZeRO-Offload optimizer", "optimizer", 0), ("FP8AdamW as the ZeRO-Offload optimizer", "optimizer", 1),
 }
 # Tables typed from runs whose JSON was not kept (a later run of the same script overwrote it), with where
 # their numbers live instead. A new table must be checked by a test below or listed here.
