@@ -133,20 +133,9 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
         raise ValueError("ilp_plan needs time_limit or node_limit (node_limit alone gives a reproducible plan)")
     if traffic_model not in TRAFFIC_MODELS:
         raise ValueError(f"traffic_model={traffic_model!r}; expected one of {TRAFFIC_MODELS}")
-    layers, experts = trace.num_layers, trace.num_experts
-    node_aware = ranks_per_node is not None or replicas != 0
-    if node_aware:
-        _check_node_options(traffic_model, ep_size, ranks_per_node, replicas, experts)
-        pairs = [(l, e, f, w) for l, together in enumerate(trace.pairs)
-                 for (e, f), w in _heavy(torch.triu(together, diagonal=1), min_pair_share)]
-        *problem, _ = node_milp_problem(trace, ep_size, ranks_per_node or ep_size, replicas, pairs,
-                                        balance_weight, max_imbalance)
-    else:
-        if experts % ep_size:
-            raise ValueError(f"ep_size={ep_size} must divide num_experts={experts} (the ILP places one copy per expert)")
-        pairs = _pairs(trace, traffic_model, ep_size, min_pair_share)
-        problem = _milp_problem(trace, ep_size, pairs, balance_weight, max_imbalance)
-    cost, constraints, integrality, bounds = problem
+    experts = trace.num_experts
+    pairs, (cost, constraints, integrality, bounds) = _problem(
+        trace, ep_size, traffic_model, balance_weight, min_pair_share, max_imbalance, ranks_per_node, replicas)
     limits = {k: v for k, v in (("time_limit", time_limit), ("node_limit", node_limit)) if v is not None}
     started = time.perf_counter()
     result = milp(cost, constraints=constraints, integrality=integrality, bounds=bounds, options=limits)
@@ -179,6 +168,24 @@ def ilp_plan(trace: RoutingTrace, ep_size: int, traffic_model: str = "context_co
         return greedy
     info["used"] = "ilp"
     return plan
+
+
+def _problem(trace: RoutingTrace, ep_size: int, traffic_model: str, balance_weight: float, min_pair_share: float,
+             max_imbalance: float | None, ranks_per_node: int | None, replicas: int) -> tuple[list, tuple]:
+    """``(pairs, (cost, constraints, integrality, bounds))``: the node-aware MILP (`node_ilp`) when hosts or
+    replicas are given, else the one-copy-per-expert MILP."""
+    experts = trace.num_experts
+    if ranks_per_node is not None or replicas != 0:
+        _check_node_options(traffic_model, ep_size, ranks_per_node, replicas, experts)
+        pairs = [(l, e, f, w) for l, together in enumerate(trace.pairs)
+                 for (e, f), w in _heavy(torch.triu(together, diagonal=1), min_pair_share)]
+        *problem, _ = node_milp_problem(trace, ep_size, ranks_per_node or ep_size, replicas, pairs,
+                                        balance_weight, max_imbalance)
+        return pairs, tuple(problem)
+    if experts % ep_size:
+        raise ValueError(f"ep_size={ep_size} must divide num_experts={experts} (the ILP places one copy per expert)")
+    pairs = _pairs(trace, traffic_model, ep_size, min_pair_share)
+    return pairs, _milp_problem(trace, ep_size, pairs, balance_weight, max_imbalance)
 
 
 def _check_node_options(traffic_model: str, ep_size: int, ranks_per_node: int | None, replicas: int,
