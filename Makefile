@@ -32,8 +32,12 @@ demo-tiny: $(STAMP)
 demo-moe: $(STAMP)
 	$(PY) -m moeplug.demo
 
+# Two pytest-xdist workers (TEST_WORKERS) of one torch thread each: the suite is mostly single-threaded Python
+# and process start-up, so two workers use both cores of a 2-core CI machine; one thread each keeps them from
+# oversubscribing the cores. --durations lists the slowest tests, to keep CI inside its time budget.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 $(PYTEST_ARGS)
 
 # While developing: the unit and oracle tests, without multi-process launches, recipes, subprocess servers,
 # the real-model tests and benchmark smokes (markers `distributed` and `slow`). CI runs `make test`.
