@@ -64,7 +64,7 @@ def replay(engine: Engine, trace: list[dict], seconds: float) -> dict:
             item = pending.pop(0)
             params = SamplingParams(max_tokens=item["max_tokens"], temperature=0, ignore_eos=True)
             arrival[engine.submit(item["prompt"], params, item["adapter"])] = item["at"]
-        if not engine.has_unfinished() and not engine.has_background_work():
+        if not engine.wants_step():
             time.sleep(max(0.0, min(pending[0]["at"] if pending else seconds, seconds) - now))
             continue
         serving = engine.has_unfinished()

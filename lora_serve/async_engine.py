@@ -103,7 +103,7 @@ class AsyncEngine(OutputStreams):
 
     def _loop(self) -> None:
         while not self._closed:
-            if not (self.engine.has_unfinished() or self.engine.has_background_work()):
+            if not self.engine.wants_step():
                 self._wake.wait()
                 self._wake.clear()
                 continue

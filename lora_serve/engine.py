@@ -290,13 +290,13 @@ class Engine:
     # ------------------------------------------------------------------ background work
     def attach_background(self, worker) -> None:
         """Run ``worker.after_step(StepReport)`` at the end of every step, under the engine's lock (so it may
-        use the model between forwards); ``worker.has_work()`` makes step loops step without requests, and
+        use the model between forwards); ``worker.has_work()`` makes step loops step without requests (``wants_step``), and
         ``wake_background`` calls ``worker.wake()``."""
         self.background = worker
 
-    def has_background_work(self) -> bool:
-        """Whether the attached background worker wants steps even when no request is unfinished."""
-        return self.background is not None and self.background.has_work()
+    def wants_step(self) -> bool:
+        """Whether a step loop should step: a request is unfinished, or the background worker has work."""
+        return self.has_unfinished() or (self.background is not None and self.background.has_work())
 
     def wake_background(self) -> None:
         """Tell the background worker there is news (e.g. a new fine-tuning job); no-op without one."""

@@ -117,7 +117,7 @@ def _engine_main(factory: Callable[[], Engine], commands, outputs) -> None:
     while True:
         try:
             # Background work (a fine-tuning job) keeps the loop stepping, between commands, like requests.
-            if not (engine.has_unfinished() or engine.has_background_work()) or commands.poll():
+            if not engine.wants_step() or commands.poll():
                 if not _handle(engine, commands.recv(), outputs):  # blocks only when there is no work
                     _exit_at_once()
                 continue  # every queued command before the next step
