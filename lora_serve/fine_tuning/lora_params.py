@@ -9,12 +9,12 @@ The factors are fp32 (master weights, as PEFT trains them); A starts as PEFT ini
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -94,10 +94,9 @@ class LoRAParams(nn.Module):
             tensors[f"{_PREFIX}{name}.lora_A.weight"] = a.detach().float().cpu().contiguous()
             tensors[f"{_PREFIX}{name}.lora_B.weight"] = b.detach().float().cpu().contiguous()
         save_file(tensors, str(path / "adapter_model.safetensors"))
-        config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
-                  "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "base_model_name_or_path": base_name,
-                  "target_modules": list(self.layers)}  # exact names: PEFT adapts no other layer
-        (path / "adapter_config.json").write_text(json.dumps(config, indent=1))
+        # PEFT writes its own config file; exact module names as targets: PEFT adapts no other layer.
+        LoraConfig(task_type="CAUSAL_LM", r=self.r, lora_alpha=self.alpha, lora_dropout=0.0, bias="none",
+                   target_modules=list(self.layers), base_model_name_or_path=base_name).save_pretrained(str(path))
 
     def load_peft(self, path: Path) -> None:
         """Copy the factors of the PEFT adapter ``save_peft`` wrote in ``path`` into these parameters."""
